@@ -1,0 +1,209 @@
+"""Command line: python -m spotlight_model {train,export,evaluate,all}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import ENV_DIR, channel_stats, load_dataset, split_train_val, to_nchw_float
+from .model import Baseline, NestedNet, baseline_costs, count_params
+from .train import accuracy, fit, seed_all
+from .tree import load_tree, parse_tree
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TREE = "python/trees/fashion_mnist.json"
+DEFAULT_WORK = "build/model-work"
+DEFAULT_OUT = "models/fashion-mnist-nested"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _rel(p: str | None, default: str | None = None) -> Path | None:
+    """User-given paths are relative to the current directory; the defaults are relative to
+    the repository root (so they work from the repo root and from python/ alike)."""
+    if p is not None:
+        return Path(p)
+    return None if default is None else REPO / default
+
+
+# ---------------------------------------------------------------- train
+
+
+def build_nested(tree, cfg: dict, in_channels: int) -> NestedNet:
+    return NestedNet(tree, in_channels=in_channels, bottleneck=cfg["bottleneck"],
+                     backbone_widths=tuple(cfg["backbone_widths"]))
+
+
+def build_baseline(num_classes: int, cfg: dict, in_channels: int) -> Baseline:
+    return Baseline(num_classes, in_channels=in_channels, bottleneck=cfg["bottleneck"],
+                    channels=tuple(cfg["baseline_channels"]),
+                    backbone_widths=tuple(cfg["backbone_widths"]))
+
+
+def cmd_train(args) -> None:
+    torch.set_num_threads(args.threads)
+    tree_path = _rel(args.tree, DEFAULT_TREE)
+    tree = load_tree(tree_path)
+    ds = load_dataset(args.data)
+    n_cls = len(tree.categories)
+    if int(ds.train_labels.max()) >= n_cls:
+        raise SystemExit(f"labels go up to {ds.train_labels.max()} but the tree has {n_cls} categories")
+    tr_idx, va_idx = split_train_val(len(ds.train_labels), args.val_size, args.seed)
+    if args.limit:
+        tr_idx = tr_idx[:args.limit]
+        va_idx = va_idx[:max(1, min(len(va_idx), args.limit // 4))]
+    mean, std = channel_stats(ds.train_images[tr_idx])
+    x_tr = torch.from_numpy(to_nchw_float(ds.train_images[tr_idx]))
+    y_tr = torch.from_numpy(ds.train_labels[tr_idx])
+    x_va = torch.from_numpy(to_nchw_float(ds.train_images[va_idx]))
+    y_va = torch.from_numpy(ds.train_labels[va_idx])
+    in_ch = ds.image_shape[0]
+    cfg = {"bottleneck": args.bottleneck, "backbone_widths": [32, 64, 64],
+           "baseline_channels": [int(c) for c in args.baseline_channels.split(",")]}
+    hp = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+          "weight_decay": args.weight_decay, "label_smoothing": 0.05, "seed": args.seed}
+    work = _rel(args.work, DEFAULT_WORK)
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"data: {ds.source}  train {len(tr_idx)}  val {len(va_idx)}  test {len(ds.test_labels)} "
+        f"(test is not touched by train)  mean {mean} std {std}")
+    which = [w.strip() for w in args.models.split(",") if w.strip()]
+    for kind in which:
+        seed_all(args.seed)
+        model = build_nested(tree, cfg, in_ch) if kind == "nested" else build_baseline(n_cls, cfg, in_ch)
+        log(f"{kind}: {count_params(model)} params")
+        t0 = time.time()
+        state, hist = fit(model, x_tr, y_tr, x_va, y_va, mean=mean, std=std, desc=kind, log=log, **hp)
+        secs = time.time() - t0
+        best = max(hist, key=lambda r: (r.get("val_acc", r["train_acc"]), r["epoch"]))
+        log(f"{kind}: trained in {secs:.0f} s; selected epoch {best['epoch']} "
+            f"(val_acc {best.get('val_acc', float('nan')):.4f})")
+        ckpt = {"kind": kind, "state_dict": state, "config": cfg, "hparams": hp, "history": hist,
+                "train_seconds": round(secs, 1), "mean": mean, "std": std,
+                "image_shape": list(ds.image_shape), "tree": tree.source,
+                "tree_file": _display_path(tree_path), "dataset": ds.source,
+                "train_size": int(len(tr_idx)), "val_size": int(len(va_idx)),
+                "val_acc": best.get("val_acc"), "selected_epoch": best["epoch"],
+                "created_by": f"spotlight_model {__version__}", "torch": torch.__version__}
+        torch.save(ckpt, work / f"{kind}.pt")
+        log(f"{kind}: checkpoint -> {work / (kind + '.pt')}")
+
+
+def _display_path(p: Path) -> str:
+    try:
+        return p.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return p.name
+
+
+def load_checkpoint(work: Path, kind: str):
+    ckpt = torch.load(work / f"{kind}.pt", map_location="cpu", weights_only=False)
+    in_ch = ckpt["image_shape"][0]
+    if kind == "nested":
+        tree = parse_tree(ckpt["tree"])
+        model = build_nested(tree, ckpt["config"], in_ch)
+    else:
+        model = build_baseline(len(ckpt["tree"]["categories"]), ckpt["config"], in_ch)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+# ---------------------------------------------------------------- export
+
+
+def cmd_export(args) -> None:
+    from .package import check_package, export_package
+    torch.set_num_threads(args.threads)
+    work, out = _rel(args.work, DEFAULT_WORK), _rel(args.out, DEFAULT_OUT)
+    model, ckpt = load_checkpoint(work, "nested")
+    name = args.name or ckpt["tree"].get("name") or out.name
+    training = {
+        "dataset": Path(ckpt["dataset"]).name,
+        "tree_file": ckpt["tree_file"],
+        "train_size": ckpt["train_size"],
+        "val_size": ckpt["val_size"],
+        "selected_epoch": ckpt["selected_epoch"],
+        "val_acc": ckpt["val_acc"],
+        "train_seconds": ckpt["train_seconds"],
+        "torch": ckpt["torch"],
+        **ckpt["hparams"],
+        "optimizer": "AdamW + OneCycleLR", "augmentation": "pad 2 + random crop, horizontal flip",
+    }
+    manifest = export_package(model, out, name=name, mean=ckpt["mean"], std=ckpt["std"],
+                              image_shape=tuple(ckpt["image_shape"]), training=training)
+    check_package(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"exported {out} ({size / 1e6:.2f} MB) {manifest['content_hash']}")
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate
+    torch.set_num_threads(args.threads)
+    evaluate(pkg_dir=_rel(args.out, DEFAULT_OUT), work=_rel(args.work, DEFAULT_WORK), data=args.data, threads=args.threads,
+             results_path=_rel(args.results), log=log)
+
+
+def cmd_all(args) -> None:
+    t0 = time.time()
+    cmd_train(args)
+    cmd_export(args)
+    cmd_evaluate(args)
+    log(f"all done in {time.time() - t0:.0f} s")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m spotlight_model",
+                                description="Train / export / evaluate the nested-feature model.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--data", default=None,
+                        help=f"idx directory or .npz (default: ${ENV_DIR} or /usr/share/datasets/fashion-mnist)")
+        sp.add_argument("--work", default=None, help=f"checkpoint dir (default <repo>/{DEFAULT_WORK})")
+        sp.add_argument("--out", default=None, help=f"package dir (default <repo>/{DEFAULT_OUT})")
+        sp.add_argument("--threads", type=int, default=2)
+
+    def train_opts(sp):
+        sp.add_argument("--tree", default=None, help=f"category tree JSON (default <repo>/{DEFAULT_TREE})")
+        sp.add_argument("--epochs", type=int, default=12)
+        sp.add_argument("--batch-size", type=int, default=128)
+        sp.add_argument("--lr", type=float, default=3e-3)
+        sp.add_argument("--weight-decay", type=float, default=5e-4)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--val-size", type=int, default=5000)
+        sp.add_argument("--limit", type=int, default=0, help="train on the first N training images only (smoke)")
+        sp.add_argument("--bottleneck", type=int, default=8)
+        sp.add_argument("--baseline-channels", default="80,112,112")
+        sp.add_argument("--models", default="nested,baseline", help="which models to train")
+
+    def export_opts(sp):
+        sp.add_argument("--name", default=None, help="package name (default: from the tree file)")
+
+    def eval_opts(sp):
+        sp.add_argument("--results", default=None, help="results JSON (default <work>/results.json)")
+
+    sp = sub.add_parser("train", help="train the nested model and the baseline")
+    common(sp); train_opts(sp); sp.set_defaults(fn=cmd_train)
+    sp = sub.add_parser("export", help="export the nested checkpoint as a model package")
+    common(sp); export_opts(sp); sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("evaluate", help="evaluate on the test set, write model_card.md + results JSON")
+    common(sp); eval_opts(sp); sp.set_defaults(fn=cmd_evaluate)
+    sp = sub.add_parser("all", help="train + export + evaluate")
+    common(sp); train_opts(sp); export_opts(sp); eval_opts(sp); sp.set_defaults(fn=cmd_all)
+    args = p.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,111 @@
+"""Training loop shared by the nested model and the baseline (same optimiser, schedule, aug)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random shift (zero pad + random crop) and horizontal flip; x in [0,1], [B,C,H,W]."""
+    b, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # [B,1,H,1]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # [B,1,1,W]
+    bi = torch.arange(b)[:, None, None, None]
+    ci = torch.arange(c)[None, :, None, None]
+    out = xp[bi, ci, rows, cols]
+    if flip:
+        m = torch.rand(b, generator=gen) < 0.5
+        out = torch.where(m[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, mean, std, batch: int = 1000) -> torch.Tensor:
+    model.eval()
+    outs = [model(normalise(x[i:i + batch], mean, std)) for i in range(0, len(x), batch)]
+    return torch.cat(outs)
+
+
+def accuracy(model, x, y, mean, std) -> float:
+    return float((predict_logits(model, x, mean, std).argmax(1) == y).float().mean())
+
+
+def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+        x_val: torch.Tensor | None, y_val: torch.Tensor | None, *, mean, std,
+        epochs: int, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 5e-4,
+        label_smoothing: float = 0.05, seed: int = 0, desc: str = "train", log=print):
+    """AdamW + one-cycle; returns (best_state_dict, history). Best = highest val accuracy."""
+    seed_all(seed)
+    gen = torch.Generator().manual_seed(seed)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
+                                                steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    history = []
+    best_acc, best_state = -1.0, None
+    tty = sys.stderr.isatty()
+    for ep in range(epochs):
+        model.train()
+        t0 = time.time()
+        perm = torch.randperm(len(x_train), generator=gen)
+        tot_loss, tot_correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {ep + 1}/{epochs}", leave=tty,
+                   mininterval=0.5 if tty else 30.0, file=sys.stderr)
+        for i in bar:
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            xb = normalise(augment(x_train[idx], gen), mean, std)
+            yb = y_train[idx]
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_loss += loss.item() * len(idx)
+            tot_correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.4f}", refresh=tty)
+        bar.close()
+        secs = time.time() - t0
+        rec = {"epoch": ep + 1, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
+               "seconds": round(secs, 1)}
+        if x_val is not None and len(x_val):
+            rec["val_acc"] = accuracy(model, x_val, y_val, mean, std)
+        history.append(rec)
+        val = rec.get("val_acc", rec["train_acc"])
+        log(f"[{desc}] epoch {ep + 1}/{epochs}: loss {rec['train_loss']:.4f} "
+            f"train_acc {rec['train_acc']:.4f} val_acc {rec.get('val_acc', float('nan')):.4f} "
+            f"({secs:.0f} s)")
+        if val >= best_acc:
+            best_acc, best_state, best_ep = val, copy.deepcopy(model.state_dict()), ep + 1
+    for rec in history:
+        rec["selected"] = rec["epoch"] == best_ep
+    model.load_state_dict(best_state)
+    return best_state, history
