@@ -1,0 +1,64 @@
+# spotlight — every set-up step the README's two commands need, idempotent.
+#   make demo   the demo: every role in one process, Fashion-MNIST test set, task switch
+#   make test   every test: Rust (unit + integration) and Python (model authoring)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+ORT_VERSION := 1.31.1
+ORT_LIB := build/onnxruntime/libonnxruntime.so
+DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+CARGO ?= cargo
+export ORT_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test test-rust test-python setup onnxruntime dataset venv model lint
+
+demo: onnxruntime dataset
+	$(CARGO) build --release --bin spotlight
+	./target/release/spotlight up --demo
+
+test: onnxruntime dataset venv
+	$(CARGO) test --workspace --all-targets
+	$(VENV)/bin/python -m pytest -q python/tests
+
+test-rust: onnxruntime dataset
+	$(CARGO) test --workspace --all-targets
+
+test-python: dataset venv
+	$(VENV)/bin/python -m pytest -q python/tests
+
+setup: onnxruntime dataset venv
+
+# The ONNX Runtime shared library, taken from the PyPI wheel (Debian has no package and ort
+# cannot download binaries here). Only the wheel is fetched, not the Python package's deps.
+onnxruntime: $(ORT_LIB)
+$(ORT_LIB):
+	mkdir -p build/wheels build/onnxruntime
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --dest build/wheels \
+		--python-version 3.11 --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
+		onnxruntime==$(ORT_VERSION)
+	$(PYTHON) -c 'import glob, zipfile, shutil, sys; \
+		w = zipfile.ZipFile(sorted(glob.glob("build/wheels/onnxruntime-$(ORT_VERSION)-*.whl"))[-1]); \
+		n = [m for m in w.namelist() if m.startswith("onnxruntime/capi/libonnxruntime.so")][0]; \
+		shutil.copyfileobj(w.open(n), open("$(ORT_LIB)", "wb")); print("installed", n, "->", "$(ORT_LIB)")'
+
+# Fashion-MNIST from Debian (idx .gz files under /usr/share/datasets/fashion-mnist/).
+dataset: $(DATASET)
+$(DATASET):
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+# Python for the model-authoring code and its tests (torch is large: ~3 GB, a few minutes).
+venv: $(VENV)/.installed
+$(VENV)/.installed: python/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r python/requirements.txt
+	touch $@
+
+# Retrain and re-export the shipped model package (see python/README.md).
+model: dataset venv
+	$(VENV)/bin/python -m spotlight_model all --out models/fashion-mnist-nested
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,248 @@
+//! Feature tensor codecs. The edge encodes the backbone output once; only workers decode.
+//! Pure functions, no IO.
+
+use serde::{Deserialize, Serialize};
+
+/// How feature values are laid out on the wire. Numbers match `spotlight.v1.Codec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// Little-endian float32: exact.
+    F32,
+    /// Little-endian float16: half the bytes, ~3 significant digits.
+    F16,
+    /// One byte per value, affine over the tensor's range: a quarter of the bytes.
+    Int8,
+}
+
+impl Codec {
+    /// The `spotlight.v1.Codec` number.
+    pub fn wire(self) -> i32 {
+        match self {
+            Codec::F32 => 1,
+            Codec::F16 => 2,
+            Codec::Int8 => 3,
+        }
+    }
+
+    /// From the `spotlight.v1.Codec` number.
+    pub fn from_wire(v: i32) -> Result<Self, CodecError> {
+        match v {
+            1 => Ok(Codec::F32),
+            2 => Ok(Codec::F16),
+            3 => Ok(Codec::Int8),
+            other => Err(CodecError::UnknownCodec(other)),
+        }
+    }
+
+    /// Encoded size of `n` values.
+    pub fn encoded_len(self, n: usize) -> usize {
+        match self {
+            Codec::F32 => 4 * n,
+            Codec::F16 => 2 * n,
+            Codec::Int8 => n,
+        }
+    }
+}
+
+impl std::str::FromStr for Codec {
+    type Err = CodecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Codec::F32),
+            "f16" => Ok(Codec::F16),
+            "int8" => Ok(Codec::Int8),
+            other => Err(CodecError::UnknownName(other.to_string())),
+        }
+    }
+}
+
+/// Decoding failures.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CodecError {
+    /// Codec number not known.
+    #[error("unknown codec {0}; expected 1 (f32), 2 (f16) or 3 (int8)")]
+    UnknownCodec(i32),
+    /// Codec name not known.
+    #[error("unknown codec \"{0}\"; expected f32, f16 or int8")]
+    UnknownName(String),
+    /// Byte count does not fit the shape.
+    #[error("feature tensor has {got} bytes; {codec:?} of {values} values needs {expected}")]
+    Length {
+        codec: Codec,
+        values: usize,
+        expected: usize,
+        got: usize,
+    },
+    /// Quantisation parameters unusable.
+    #[error("int8 scale must be finite and > 0, got {0}")]
+    BadScale(f32),
+}
+
+/// An encoded tensor's payload and quantisation parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub codec: Codec,
+    pub data: Vec<u8>,
+    pub scale: f32,
+    pub zero_point: f32,
+}
+
+/// Encodes `values`.
+pub fn encode(codec: Codec, values: &[f32]) -> Encoded {
+    let (data, scale, zero_point) = match codec {
+        Codec::F32 => (
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            0.0,
+            0.0,
+        ),
+        Codec::F16 => (
+            values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            0.0,
+            0.0,
+        ),
+        Codec::Int8 => {
+            let (lo, hi) = values
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                });
+            // Keep 0 inside the range so that zero and constant tensors are exact.
+            let (lo, hi) = if lo.is_finite() {
+                (lo.min(0.0), hi.max(0.0))
+            } else {
+                (0.0, 0.0)
+            };
+            let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            let zero_point = (-lo / scale).round();
+            let data = values
+                .iter()
+                .map(|&v| (v / scale + zero_point).round().clamp(0.0, 255.0) as u8)
+                .collect();
+            (data, scale, zero_point)
+        }
+    };
+    Encoded {
+        codec,
+        data,
+        scale,
+        zero_point,
+    }
+}
+
+/// Checks that `bytes` bytes can hold `values` values in `codec`, without decoding.
+pub fn check_len(codec: Codec, bytes: usize, values: usize) -> Result<(), CodecError> {
+    let expected = codec.encoded_len(values);
+    if bytes == expected {
+        Ok(())
+    } else {
+        Err(CodecError::Length {
+            codec,
+            values,
+            expected,
+            got: bytes,
+        })
+    }
+}
+
+/// Decodes `values` values.
+pub fn decode(
+    codec: Codec,
+    data: &[u8],
+    scale: f32,
+    zero_point: f32,
+    values: usize,
+) -> Result<Vec<f32>, CodecError> {
+    check_len(codec, data.len(), values)?;
+    Ok(match codec {
+        Codec::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Codec::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Codec::Int8 => {
+            if !scale.is_finite() || scale <= 0.0 {
+                return Err(CodecError::BadScale(scale));
+            }
+            data.iter()
+                .map(|&b| scale * (f32::from(b) - zero_point))
+                .collect()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<f32> {
+        (0..392).map(|i| ((i as f32) * 0.37).sin()).collect()
+    }
+
+    #[test]
+    fn f32_round_trips_exactly() {
+        let v = sample();
+        let e = encode(Codec::F32, &v);
+        assert_eq!(e.data.len(), 392 * 4);
+        assert_eq!(
+            decode(Codec::F32, &e.data, e.scale, e.zero_point, v.len()).unwrap(),
+            v
+        );
+    }
+
+    #[test]
+    fn f16_and_int8_stay_within_their_step() {
+        let v = sample();
+        for (codec, tol) in [(Codec::F16, 1e-3), (Codec::Int8, 2.0 / 255.0)] {
+            let e = encode(codec, &v);
+            assert_eq!(e.data.len(), codec.encoded_len(v.len()));
+            let d = decode(codec, &e.data, e.scale, e.zero_point, v.len()).unwrap();
+            let max = v
+                .iter()
+                .zip(&d)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(max <= tol, "{codec:?}: max error {max} > {tol}");
+        }
+    }
+
+    #[test]
+    fn constant_tensor_survives_int8() {
+        let v = vec![0.25f32; 10];
+        let e = encode(Codec::Int8, &v);
+        let d = decode(Codec::Int8, &e.data, e.scale, e.zero_point, 10).unwrap();
+        assert!(d.iter().all(|x| (x - 0.25).abs() < 1e-6), "{d:?}");
+    }
+
+    #[test]
+    fn wrong_length_is_an_error_that_says_what_was_expected() {
+        let err = decode(Codec::F32, &[0; 7], 0.0, 0.0, 2).unwrap_err();
+        assert_eq!(
+            err,
+            CodecError::Length {
+                codec: Codec::F32,
+                values: 2,
+                expected: 8,
+                got: 7
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "feature tensor has 7 bytes; F32 of 2 values needs 8"
+        );
+    }
+
+    #[test]
+    fn unknown_codec_numbers_are_rejected() {
+        assert_eq!(Codec::from_wire(0), Err(CodecError::UnknownCodec(0)));
+        for c in [Codec::F32, Codec::F16, Codec::Int8] {
+            assert_eq!(Codec::from_wire(c.wire()), Ok(c));
+        }
+    }
+}

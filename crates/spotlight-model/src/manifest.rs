@@ -1,0 +1,230 @@
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ModelError;
+
+/// The manifest schema this crate reads.
+pub const SCHEMA: &str = "spotlight.model/v1";
+
+/// `manifest.json` of a model package (see `docs/model-package.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Must equal [`SCHEMA`].
+    pub schema: String,
+    /// Model name.
+    pub name: String,
+    /// `sha256:<hex>` over the package's ONNX files.
+    pub content_hash: String,
+    /// Image input and preprocessing.
+    pub input: InputSpec,
+    /// Category names; the index is the class id.
+    pub categories: Vec<String>,
+    /// The edge part.
+    pub backbone: BackboneSpec,
+    /// The high-level segments, parents before children.
+    pub segments: Vec<SegmentSpec>,
+    /// The monolithic graph.
+    pub full: FullSpec,
+}
+
+/// Image input and its normalisation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// Input tensor name.
+    pub name: String,
+    /// NCHW shape, `-1` for the batch axis.
+    pub shape: Vec<i64>,
+    /// Element type; only `float32` is supported.
+    pub dtype: String,
+    /// `gray` or `rgb`.
+    pub color: String,
+    /// Pixels are divided by this first.
+    pub scale: f32,
+    /// Per-channel mean subtracted after scaling.
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation divided by last.
+    pub std: Vec<f32>,
+}
+
+impl InputSpec {
+    /// (channels, height, width).
+    pub fn chw(&self) -> (usize, usize, usize) {
+        let d = |i: usize| self.shape.get(i).copied().unwrap_or(1).max(1) as usize;
+        (d(1), d(2), d(3))
+    }
+}
+
+/// The backbone graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackboneSpec {
+    pub file: String,
+    pub input: String,
+    pub output: String,
+    pub output_shape: Vec<i64>,
+    pub params: u64,
+    pub macs: u64,
+}
+
+/// A named tensor with its shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+}
+
+/// One high-level segment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentSpec {
+    /// Unique id; nested ids are `parent.child`.
+    pub id: String,
+    /// Parent segment id; `None` reads the backbone output.
+    pub parent: Option<String>,
+    /// Child segment ids.
+    pub children: Vec<String>,
+    /// ONNX file, relative to the package.
+    pub file: String,
+    /// Features input.
+    pub input: TensorSpec,
+    /// Name of the `[N, 1]` gain input.
+    pub gain_input: String,
+    /// Gained high-level features, read by the children.
+    pub features_output: Option<TensorSpec>,
+    /// Logits of the direct categories.
+    pub logits_output: Option<TensorSpec>,
+    /// Category indices scored here, in logit column order.
+    pub direct_categories: Vec<usize>,
+    /// Every category index under this segment.
+    pub categories: Vec<usize>,
+    pub params: u64,
+    pub macs: u64,
+}
+
+/// The monolithic graph, for equivalence checks and baselines.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FullSpec {
+    pub file: String,
+    pub input: String,
+    pub gains_input: String,
+    pub output: String,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path, source })
+    }
+
+    /// Checks the schema version and the consistency of the tree.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Invalid(m));
+        if self.schema != SCHEMA {
+            return bad(format!("schema \"{}\" is not supported; expected \"{SCHEMA}\"", self.schema));
+        }
+        if self.input.dtype != "float32" {
+            return bad(format!("input dtype \"{}\" is not supported; expected float32", self.input.dtype));
+        }
+        if self.input.shape.len() != 4 {
+            return bad(format!("input shape {:?} is not NCHW", self.input.shape));
+        }
+        let (c, _, _) = self.input.chw();
+        if self.input.mean.len() != c || self.input.std.len() != c {
+            return bad(format!("input has {c} channels but mean/std have {}/{} values", self.input.mean.len(), self.input.std.len()));
+        }
+        if !matches!(self.input.color.as_str(), "gray" | "rgb") {
+            return bad(format!("input color \"{}\" is not gray or rgb", self.input.color));
+        }
+        let n = self.categories.len();
+        if n == 0 {
+            return bad("no categories".into());
+        }
+        let mut seen = HashSet::new();
+        let mut scored = vec![false; n];
+        for (i, s) in self.segments.iter().enumerate() {
+            if !seen.insert(s.id.as_str()) {
+                return bad(format!("segment id \"{}\" appears twice", s.id));
+            }
+            match &s.parent {
+                None => {
+                    if s.input.shape[1..] != self.backbone.output_shape[1..] {
+                        return bad(format!("segment \"{}\" input shape {:?} does not match the backbone output {:?}", s.id, s.input.shape, self.backbone.output_shape));
+                    }
+                }
+                Some(p) => {
+                    let Some(parent) = self.segments[..i].iter().find(|q| &q.id == p) else {
+                        return bad(format!("segment \"{}\" has parent \"{p}\" that is not listed before it", s.id));
+                    };
+                    if !parent.children.contains(&s.id) {
+                        return bad(format!("segment \"{p}\" does not list child \"{}\"", s.id));
+                    }
+                    match &parent.features_output {
+                        Some(f) if f.shape[1..] == s.input.shape[1..] => {}
+                        _ => return bad(format!("segment \"{}\" input does not match the features output of \"{p}\"", s.id)),
+                    }
+                }
+            }
+            for child in &s.children {
+                if !self.segments.iter().any(|q| &q.id == child && q.parent.as_deref() == Some(s.id.as_str())) {
+                    return bad(format!("segment \"{}\" lists child \"{child}\" that does not name it as parent", s.id));
+                }
+            }
+            match (&s.logits_output, s.direct_categories.is_empty()) {
+                (Some(l), false) if l.shape.get(1).copied() == Some(s.direct_categories.len() as i64) => {}
+                (None, true) => {}
+                _ => return bad(format!("segment \"{}\" logits output does not match its {} direct categories", s.id, s.direct_categories.len())),
+            }
+            for &c in &s.direct_categories {
+                if c >= n {
+                    return bad(format!("segment \"{}\" scores category {c}, but there are only {n}", s.id));
+                }
+                if std::mem::replace(&mut scored[c], true) {
+                    return bad(format!("category {c} is scored by more than one segment"));
+                }
+            }
+        }
+        if let Some(c) = scored.iter().position(|s| !s) {
+            return bad(format!("category \"{}\" is scored by no segment", self.categories[c]));
+        }
+        Ok(())
+    }
+}
+
+/// Computes a package's content hash as `docs/model-package.md` defines it.
+pub fn content_hash(dir: &Path) -> Result<String, ModelError> {
+    let mut files = Vec::new();
+    collect_onnx(dir, dir, &mut files)?;
+    files.sort();
+    let mut listing = String::new();
+    for rel in &files {
+        let path = dir.join(rel);
+        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io { path, source })?;
+        listing.push_str(&format!("{} {rel}\n", hex(&Sha256::digest(&bytes))));
+    }
+    Ok(format!("sha256:{}", hex(&Sha256::digest(listing.as_bytes()))))
+}
+
+fn collect_onnx(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), ModelError> {
+    let io = |path: PathBuf| move |source| ModelError::Io { path, source };
+    for entry in std::fs::read_dir(dir).map_err(io(dir.to_path_buf()))? {
+        let path = entry.map_err(io(dir.to_path_buf()))?.path();
+        if path.is_dir() {
+            collect_onnx(root, &path, out)?;
+        } else if path.extension().is_some_and(|e| e == "onnx") {
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let parts: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect();
+            out.push(parts.join("/"));
+        }
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
