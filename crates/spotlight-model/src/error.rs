@@ -21,7 +21,9 @@ pub enum ModelError {
     #[error("invalid manifest: {0}")]
     Invalid(String),
     /// The files on disk do not match the manifest's content hash.
-    #[error("model package {dir} is corrupt or modified: manifest says {manifest}, files hash to {actual}")]
+    #[error(
+        "model package {dir} is corrupt or modified: manifest says {manifest}, files hash to {actual}"
+    )]
     HashMismatch {
         dir: PathBuf,
         manifest: String,
@@ -31,7 +33,9 @@ pub enum ModelError {
     #[error("unknown category \"{name}\"; known: {known}")]
     UnknownCategory { name: String, known: String },
     /// A gain key is neither a category nor a segment.
-    #[error("unknown gain target \"{name}\"; expected a category ({categories}) or a segment ({segments})")]
+    #[error(
+        "unknown gain target \"{name}\"; expected a category ({categories}) or a segment ({segments})"
+    )]
     UnknownGainTarget {
         name: String,
         categories: String,
@@ -41,6 +45,8 @@ pub enum ModelError {
     #[error("gain for \"{name}\" must be a finite number >= 0, got {gain}")]
     BadGain { name: String, gain: f32 },
     /// The task leaves nothing to predict.
-    #[error("task leaves no category to predict (every relevant category is cut out by a gain of 0)")]
+    #[error(
+        "task leaves no category to predict (every relevant category is cut out by a gain of 0)"
+    )]
     EmptyTask,
 }

@@ -71,7 +71,13 @@ impl Model {
                 owner[c] = i;
             }
         }
-        Ok(Self { dir, manifest, segment_index, category_index, owner })
+        Ok(Self {
+            dir,
+            manifest,
+            segment_index,
+            category_index,
+            owner,
+        })
     }
 
     /// The package directory.

@@ -126,20 +126,33 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Invalid(m));
         if self.schema != SCHEMA {
-            return bad(format!("schema \"{}\" is not supported; expected \"{SCHEMA}\"", self.schema));
+            return bad(format!(
+                "schema \"{}\" is not supported; expected \"{SCHEMA}\"",
+                self.schema
+            ));
         }
         if self.input.dtype != "float32" {
-            return bad(format!("input dtype \"{}\" is not supported; expected float32", self.input.dtype));
+            return bad(format!(
+                "input dtype \"{}\" is not supported; expected float32",
+                self.input.dtype
+            ));
         }
         if self.input.shape.len() != 4 {
             return bad(format!("input shape {:?} is not NCHW", self.input.shape));
         }
         let (c, _, _) = self.input.chw();
         if self.input.mean.len() != c || self.input.std.len() != c {
-            return bad(format!("input has {c} channels but mean/std have {}/{} values", self.input.mean.len(), self.input.std.len()));
+            return bad(format!(
+                "input has {c} channels but mean/std have {}/{} values",
+                self.input.mean.len(),
+                self.input.std.len()
+            ));
         }
         if !matches!(self.input.color.as_str(), "gray" | "rgb") {
-            return bad(format!("input color \"{}\" is not gray or rgb", self.input.color));
+            return bad(format!(
+                "input color \"{}\" is not gray or rgb",
+                self.input.color
+            ));
         }
         let n = self.categories.len();
         if n == 0 {
@@ -154,35 +167,63 @@ impl Manifest {
             match &s.parent {
                 None => {
                     if s.input.shape[1..] != self.backbone.output_shape[1..] {
-                        return bad(format!("segment \"{}\" input shape {:?} does not match the backbone output {:?}", s.id, s.input.shape, self.backbone.output_shape));
+                        return bad(format!(
+                            "segment \"{}\" input shape {:?} does not match the backbone output {:?}",
+                            s.id, s.input.shape, self.backbone.output_shape
+                        ));
                     }
                 }
                 Some(p) => {
                     let Some(parent) = self.segments[..i].iter().find(|q| &q.id == p) else {
-                        return bad(format!("segment \"{}\" has parent \"{p}\" that is not listed before it", s.id));
+                        return bad(format!(
+                            "segment \"{}\" has parent \"{p}\" that is not listed before it",
+                            s.id
+                        ));
                     };
                     if !parent.children.contains(&s.id) {
                         return bad(format!("segment \"{p}\" does not list child \"{}\"", s.id));
                     }
                     match &parent.features_output {
                         Some(f) if f.shape[1..] == s.input.shape[1..] => {}
-                        _ => return bad(format!("segment \"{}\" input does not match the features output of \"{p}\"", s.id)),
+                        _ => {
+                            return bad(format!(
+                                "segment \"{}\" input does not match the features output of \"{p}\"",
+                                s.id
+                            ));
+                        }
                     }
                 }
             }
             for child in &s.children {
-                if !self.segments.iter().any(|q| &q.id == child && q.parent.as_deref() == Some(s.id.as_str())) {
-                    return bad(format!("segment \"{}\" lists child \"{child}\" that does not name it as parent", s.id));
+                if !self
+                    .segments
+                    .iter()
+                    .any(|q| &q.id == child && q.parent.as_deref() == Some(s.id.as_str()))
+                {
+                    return bad(format!(
+                        "segment \"{}\" lists child \"{child}\" that does not name it as parent",
+                        s.id
+                    ));
                 }
             }
             match (&s.logits_output, s.direct_categories.is_empty()) {
-                (Some(l), false) if l.shape.get(1).copied() == Some(s.direct_categories.len() as i64) => {}
+                (Some(l), false)
+                    if l.shape.get(1).copied() == Some(s.direct_categories.len() as i64) => {}
                 (None, true) => {}
-                _ => return bad(format!("segment \"{}\" logits output does not match its {} direct categories", s.id, s.direct_categories.len())),
+                _ => {
+                    return bad(format!(
+                        "segment \"{}\" logits output does not match its {} direct categories",
+                        s.id,
+                        s.direct_categories.len()
+                    ));
+                }
             }
             for &c in &s.direct_categories {
                 if c >= n {
-                    return bad(format!("segment \"{}\" scores category {c}, but there are only {n}", s.id));
+                    return bad(format!(
+                        "segment \"{}\" scores category {c}, but there are only {n}",
+                        s.id
+                    ));
                 }
                 if std::mem::replace(&mut scored[c], true) {
                     return bad(format!("category {c} is scored by more than one segment"));
@@ -190,7 +231,10 @@ impl Manifest {
             }
         }
         if let Some(c) = scored.iter().position(|s| !s) {
-            return bad(format!("category \"{}\" is scored by no segment", self.categories[c]));
+            return bad(format!(
+                "category \"{}\" is scored by no segment",
+                self.categories[c]
+            ));
         }
         Ok(())
     }
@@ -207,7 +251,10 @@ pub fn content_hash(dir: &Path) -> Result<String, ModelError> {
         let bytes = std::fs::read(&path).map_err(|source| ModelError::Io { path, source })?;
         listing.push_str(&format!("{} {rel}\n", hex(&Sha256::digest(&bytes))));
     }
-    Ok(format!("sha256:{}", hex(&Sha256::digest(listing.as_bytes()))))
+    Ok(format!(
+        "sha256:{}",
+        hex(&Sha256::digest(listing.as_bytes()))
+    ))
 }
 
 fn collect_onnx(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), ModelError> {
@@ -218,7 +265,10 @@ fn collect_onnx(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Mo
             collect_onnx(root, &path, out)?;
         } else if path.extension().is_some_and(|e| e == "onnx") {
             let rel = path.strip_prefix(root).unwrap_or(&path);
-            let parts: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect();
+            let parts: Vec<_> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect();
             out.push(parts.join("/"));
         }
     }

@@ -65,17 +65,22 @@ impl Model {
         let n = self.categories().len();
         let mut relevant = vec![task.categories.is_empty(); n];
         for name in &task.categories {
-            let c = self.category_index(name).ok_or_else(|| ModelError::UnknownCategory {
-                name: name.clone(),
-                known: self.category_list(),
-            })?;
+            let c = self
+                .category_index(name)
+                .ok_or_else(|| ModelError::UnknownCategory {
+                    name: name.clone(),
+                    known: self.category_list(),
+                })?;
             relevant[c] = true;
         }
         let mut segment_gain = vec![1.0f32; self.segments().len()];
         let mut category_gain = vec![1.0f32; n];
         for (name, &gain) in &task.gains {
             if !gain.is_finite() || gain < 0.0 {
-                return Err(ModelError::BadGain { name: name.clone(), gain });
+                return Err(ModelError::BadGain {
+                    name: name.clone(),
+                    gain,
+                });
             }
             if let Some(c) = self.category_index(name) {
                 category_gain[c] = gain;
@@ -85,7 +90,12 @@ impl Model {
                 return Err(ModelError::UnknownGainTarget {
                     name: name.clone(),
                     categories: self.category_list(),
-                    segments: self.segments().iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", "),
+                    segments: self
+                        .segments()
+                        .iter()
+                        .map(|s| s.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
         }
@@ -143,13 +153,23 @@ impl Model {
             }
             adjusted.push((c, z, z + g));
         }
-        let max = adjusted.iter().map(|a| a.2).fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f64> = adjusted.iter().map(|a| f64::from(a.2 - max).exp()).collect();
+        let max = adjusted
+            .iter()
+            .map(|a| a.2)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f64> = adjusted
+            .iter()
+            .map(|a| f64::from(a.2 - max).exp())
+            .collect();
         let sum: f64 = exps.iter().sum();
         let mut scores: Vec<CategoryScore> = adjusted
             .iter()
             .zip(&exps)
-            .map(|(&(index, logit, _), &e)| CategoryScore { index, score: (e / sum) as f32, logit })
+            .map(|(&(index, logit, _), &e)| CategoryScore {
+                index,
+                score: (e / sum) as f32,
+                logit,
+            })
             .collect();
         scores.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
         Ok(Scores { scores })

@@ -49,31 +49,58 @@ pub fn resolve_library(explicit: Option<&Path>) -> Result<PathBuf, OnnxRuntimeEr
     }
     if candidates.is_empty() {
         candidates.push(Path::new("build/onnxruntime").join(LIBRARY_FILE));
-        if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
             candidates.push(dir.join(LIBRARY_FILE));
         }
-        candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/onnxruntime").join(LIBRARY_FILE));
+        candidates.push(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../build/onnxruntime")
+                .join(LIBRARY_FILE),
+        );
     }
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| OnnxRuntimeError::LibraryNotFound {
-        tried: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-    })
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| OnnxRuntimeError::LibraryNotFound {
+            tried: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// Loads ONNX Runtime once per process. Later calls return the first outcome.
 pub fn init_onnxruntime(explicit: Option<&Path>) -> Result<(), OnnxRuntimeError> {
     if let Some(result) = ENVIRONMENT.get() {
-        return result.as_ref().map(|_| ()).map_err(|message| OnnxRuntimeError::Init {
-            path: LIBRARY.get().cloned().unwrap_or_default(),
-            message: message.clone(),
-        });
+        return result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|message| OnnxRuntimeError::Init {
+                path: LIBRARY.get().cloned().unwrap_or_default(),
+                message: message.clone(),
+            });
     }
     let path = resolve_library(explicit)?;
     let result = ENVIRONMENT.get_or_init(|| {
         let _ = LIBRARY.set(path.clone());
         let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
-        builder.with_name("spotlight").build().map_err(|e| e.to_string())
+        builder
+            .with_name("spotlight")
+            .build()
+            .map_err(|e| e.to_string())
     });
-    result.as_ref().map(|_| ()).map_err(|message| OnnxRuntimeError::Init { path, message: message.clone() })
+    result
+        .as_ref()
+        .map(|_| ())
+        .map_err(|message| OnnxRuntimeError::Init {
+            path,
+            message: message.clone(),
+        })
 }
 
 fn environment() -> Result<&'static ort::environment::Environment, OnnxRuntimeError> {
@@ -91,9 +118,16 @@ fn environment() -> Result<&'static ort::environment::Environment, OnnxRuntimeEr
 }
 
 fn open(path: &Path, threads: usize) -> Result<Session, OnnxRuntimeError> {
-    let load_err = |message: String| OnnxRuntimeError::Load { path: path.to_path_buf(), message };
+    let load_err = |message: String| OnnxRuntimeError::Load {
+        path: path.to_path_buf(),
+        message,
+    };
     // Builder errors carry the builder and are not Send; keep them inside this function.
-    fn build(env: &ort::environment::Environment, path: &Path, threads: usize) -> ort::Result<Session> {
+    fn build(
+        env: &ort::environment::Environment,
+        path: &Path,
+        threads: usize,
+    ) -> ort::Result<Session> {
         Session::builder(env)?
             .with_intra_threads(threads.max(1))
             .map_err(ort::Error::<()>::from)?
@@ -105,7 +139,10 @@ fn open(path: &Path, threads: usize) -> Result<Session, OnnxRuntimeError> {
 }
 
 fn run_err(what: &str) -> impl Fn(ort::Error) -> OnnxRuntimeError + '_ {
-    move |e| OnnxRuntimeError::Run { what: what.to_string(), message: e.to_string() }
+    move |e| OnnxRuntimeError::Run {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
 }
 
 /// The backbone: image batch in, bottleneck features out.
@@ -135,8 +172,13 @@ impl BackboneSession {
         shape[0] = n as i64;
         let err = run_err("backbone");
         let input = Tensor::from_array((shape, images)).map_err(&err)?;
-        let outputs = self.session.run(ort::inputs![self.input.as_str() => input]).map_err(&err)?;
-        let (_, data) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(&err)?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input.as_str() => input])
+            .map_err(&err)?;
+        let (_, data) = outputs[self.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(&err)?;
         Ok(data.to_vec())
     }
 }
@@ -160,7 +202,10 @@ impl SegmentSession {
     /// Opens the segment's ONNX file.
     pub fn open(model: &Model, segment: usize, threads: usize) -> Result<Self, OnnxRuntimeError> {
         let spec = model.segments()[segment].clone();
-        Ok(Self { session: open(&model.path_of(&spec.file), threads)?, spec })
+        Ok(Self {
+            session: open(&model.path_of(&spec.file), threads)?,
+            spec,
+        })
     }
 
     /// The segment's manifest entry.
@@ -170,7 +215,11 @@ impl SegmentSession {
 
     /// Runs a batch of `n`: `input` is the parent's (or backbone's) features, `gains` one
     /// gain per sample.
-    pub fn run(&mut self, input: Vec<f32>, gains: Vec<f32>) -> Result<SegmentOutputs, OnnxRuntimeError> {
+    pub fn run(
+        &mut self,
+        input: Vec<f32>,
+        gains: Vec<f32>,
+    ) -> Result<SegmentOutputs, OnnxRuntimeError> {
         let n = gains.len();
         let mut shape = self.spec.input.shape.clone();
         shape[0] = n as i64;
@@ -183,11 +232,15 @@ impl SegmentSession {
             .map_err(&err)?;
         let mut result = SegmentOutputs::default();
         if let Some(f) = &self.spec.features_output {
-            let (_, data) = outputs[f.name.as_str()].try_extract_tensor::<f32>().map_err(&err)?;
+            let (_, data) = outputs[f.name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(&err)?;
             result.features = Some(data.to_vec());
         }
         if let Some(l) = &self.spec.logits_output {
-            let (_, data) = outputs[l.name.as_str()].try_extract_tensor::<f32>().map_err(&err)?;
+            let (_, data) = outputs[l.name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(&err)?;
             result.logits = Some(data.to_vec());
         }
         Ok(result)
@@ -215,7 +268,12 @@ impl FullSession {
     }
 
     /// Runs `n` images with `gains` (`n × segments`, row-major); returns `n × categories` logits.
-    pub fn run(&mut self, images: Vec<f32>, n: usize, gains: Vec<f32>) -> Result<Vec<f32>, OnnxRuntimeError> {
+    pub fn run(
+        &mut self,
+        images: Vec<f32>,
+        n: usize,
+        gains: Vec<f32>,
+    ) -> Result<Vec<f32>, OnnxRuntimeError> {
         let mut shape = self.image_shape.clone();
         shape[0] = n as i64;
         let err = run_err("full");
@@ -225,7 +283,9 @@ impl FullSession {
             .session
             .run(ort::inputs![self.spec.input.as_str() => x, self.spec.gains_input.as_str() => g])
             .map_err(&err)?;
-        let (_, data) = outputs[self.spec.output.as_str()].try_extract_tensor::<f32>().map_err(&err)?;
+        let (_, data) = outputs[self.spec.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(&err)?;
         Ok(data.to_vec())
     }
 }

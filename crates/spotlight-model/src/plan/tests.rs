@@ -1,0 +1,145 @@
+use std::path::PathBuf;
+
+use super::*;
+use crate::Manifest;
+
+/// A small tree: a → {a.x: [0, 1], a.y: [2]}, b: [3].
+fn model() -> Model {
+    let seg = |id: &str,
+               parent: Option<&str>,
+               children: &[&str],
+               direct: &[usize],
+               cats: &[usize],
+               macs: u64| {
+        serde_json::json!({
+            "id": id, "parent": parent, "children": children, "file": format!("segments/{id}.onnx"),
+            "input": {"name": "x", "shape": [-1, 4, 2, 2]}, "gain_input": "gain",
+            "features_output": if children.is_empty() { serde_json::Value::Null } else { serde_json::json!({"name": "features", "shape": [-1, 4, 2, 2]}) },
+            "logits_output": if direct.is_empty() { serde_json::Value::Null } else { serde_json::json!({"name": "logits", "shape": [-1, direct.len()]}) },
+            "direct_categories": direct, "categories": cats, "params": macs / 10, "macs": macs,
+        })
+    };
+    let manifest: Manifest = serde_json::from_value(serde_json::json!({
+        "schema": "spotlight.model/v1", "name": "toy", "content_hash": "sha256:00",
+        "input": {"name": "image", "shape": [-1, 1, 4, 4], "dtype": "float32", "color": "gray", "scale": 255.0, "mean": [0.0], "std": [1.0]},
+        "categories": ["c0", "c1", "c2", "c3"],
+        "backbone": {"file": "backbone.onnx", "input": "image", "output": "features", "output_shape": [-1, 4, 2, 2], "params": 1, "macs": 1},
+        "segments": [
+            seg("a", None, &["a.x", "a.y"], &[], &[0, 1, 2], 100),
+            seg("a.x", Some("a"), &[], &[0, 1], &[0, 1], 200),
+            seg("a.y", Some("a"), &[], &[2], &[2], 300),
+            seg("b", None, &[], &[3], &[3], 400),
+        ],
+        "full": {"file": "full.onnx", "input": "image", "gains_input": "gains", "output": "logits"},
+    }))
+    .unwrap();
+    Model::from_manifest(PathBuf::from("toy"), manifest).unwrap()
+}
+
+fn task(categories: &[&str], gains: &[(&str, f32)]) -> TaskSpec {
+    TaskSpec {
+        categories: categories.iter().map(|s| s.to_string()).collect(),
+        gains: gains.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+    }
+}
+
+#[test]
+fn empty_task_runs_everything() {
+    let plan = model().plan(&TaskSpec::default()).unwrap();
+    assert_eq!(plan.relevant, vec![0, 1, 2, 3]);
+    assert_eq!(plan.segments, vec![0, 1, 2, 3]);
+    assert_eq!(plan.cloud_macs, 1000);
+    assert_eq!(plan.cloud_macs_saved, 0);
+}
+
+#[test]
+fn cutout_keeps_only_the_paths_to_relevant_categories() {
+    let m = model();
+    let plan = m.plan(&task(&["c2"], &[])).unwrap();
+    assert_eq!(plan.segments, vec![0, 2], "a and a.y");
+    assert_eq!(plan.cloud_macs, 400);
+    assert_eq!(plan.cloud_macs_saved, 600);
+    let plan = m.plan(&task(&["c3", "c0"], &[])).unwrap();
+    assert_eq!(plan.relevant, vec![0, 3]);
+    assert_eq!(plan.segments, vec![0, 1, 3]);
+}
+
+#[test]
+fn gain_zero_cuts_out_a_segment_and_everything_under_it() {
+    let plan = model().plan(&task(&[], &[("a", 0.0)])).unwrap();
+    assert_eq!(plan.relevant, vec![3]);
+    assert_eq!(plan.segments, vec![3]);
+    let plan = model().plan(&task(&[], &[("c1", 0.0)])).unwrap();
+    assert_eq!(plan.relevant, vec![0, 2, 3]);
+}
+
+#[test]
+fn segment_gains_are_fed_and_category_gains_become_logit_offsets() {
+    let plan = model()
+        .plan(&task(&["c0", "c3"], &[("a", 2.0), ("c3", 0.5)]))
+        .unwrap();
+    assert_eq!(plan.segment_gains, vec![2.0, 1.0, 1.0]);
+    assert_eq!(plan.log_gains, vec![0.0, 0.5f32.ln()]);
+}
+
+#[test]
+fn bad_tasks_are_refused_with_the_valid_names() {
+    let m = model();
+    let err = m.plan(&task(&["sneakers"], &[])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unknown category \"sneakers\"; known: c0, c1, c2, c3"
+    );
+    let err = m.plan(&task(&[], &[("zzz", 2.0)])).unwrap_err();
+    assert!(
+        err.to_string().contains("a segment (a, a.x, a.y, b)"),
+        "{err}"
+    );
+    assert!(matches!(
+        m.plan(&task(&[], &[("c0", -1.0)])),
+        Err(ModelError::BadGain { .. })
+    ));
+    assert!(matches!(
+        m.plan(&task(&[], &[("c0", f32::NAN)])),
+        Err(ModelError::BadGain { .. })
+    ));
+    assert!(matches!(
+        m.plan(&task(&["c3"], &[("b", 0.0)])),
+        Err(ModelError::EmptyTask)
+    ));
+}
+
+#[test]
+fn merge_normalises_over_relevant_categories_only() {
+    let m = model();
+    let plan = m.plan(&task(&["c0", "c1"], &[("c1", 2.0)])).unwrap();
+    let logits = [1.0, 1.0, 50.0, f32::NAN];
+    let scores = m.merge(&plan, &logits).unwrap();
+    assert_eq!(scores.top(), Some(1), "the gain of 2 favours c1");
+    let p1 = scores.scores[0].score;
+    assert!((p1 - 2.0 / 3.0).abs() < 1e-6, "{p1}");
+    assert!((scores.scores.iter().map(|s| s.score).sum::<f32>() - 1.0).abs() < 1e-6);
+    assert_eq!(m.merge(&plan, &[f32::NAN; 4]), Err(0));
+}
+
+#[test]
+fn validation_rejects_inconsistent_trees() {
+    let m = model();
+    let mut manifest = m.manifest().clone();
+    manifest.segments[3].direct_categories = vec![2];
+    manifest.segments[3].logits_output = Some(crate::TensorSpec {
+        name: "logits".into(),
+        shape: vec![-1, 1],
+    });
+    let err = manifest.validate().unwrap_err().to_string();
+    assert!(err.contains("scored by more than one segment"), "{err}");
+    let mut manifest = m.manifest().clone();
+    manifest.schema = "spotlight.model/v0".into();
+    assert!(
+        manifest
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not supported")
+    );
+}
