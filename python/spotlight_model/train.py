@@ -64,8 +64,11 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    if epochs * steps_per_epoch >= 20:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    else:  # smoke runs: too few steps for a one-cycle schedule
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     history = []
     best_acc, best_state = -1.0, None

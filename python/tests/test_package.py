@@ -1,0 +1,152 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from spotlight_model.cli import load_checkpoint
+from spotlight_model.data import read_idx
+from spotlight_model.package import PackageRunner, check_package, content_hash
+from spotlight_model.tree import parse_tree
+
+
+def _inputs(runner, small_npz, n=64):
+    z = np.load(small_npz)
+    x = runner.preprocess(z["test_images"][:n])
+    rng = np.random.default_rng(0)
+    gains = rng.uniform(0.0, 3.0, size=(n, len(runner.manifest["segments"]))).astype(np.float32)
+    return x, gains
+
+
+def test_cli_outputs(trained):
+    pkg = trained["pkg"]
+    for rel in ("manifest.json", "backbone.onnx", "full.onnx", "model_card.md"):
+        assert (pkg / rel).is_file(), rel
+    r = json.loads(trained["results"].read_text())
+    assert 0.0 <= r["nested"]["accuracy"] <= 1.0
+    assert r["baseline"] is not None
+    assert r["bottleneck"]["bytes_int8"] == 8 * 7 * 7
+    size = sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file())
+    assert size < 10e6
+
+
+def test_onnx_matches_torch(trained):
+    model, _ = load_checkpoint(trained["work"], "nested")
+    runner = PackageRunner(trained["pkg"])
+    x, gains = _inputs(runner, trained["data"])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(gains)).numpy()
+        ref_feats = model.backbone(torch.from_numpy(x)).numpy()
+    full = runner.run_full(x, gains)
+    assert full.shape == (len(x), len(runner.manifest["categories"]))
+    # logits are O(10) (scale * cosine + log r): 1e-5 absolute is ~1e-6 relative, float32 round-off
+    assert np.abs(full - ref).max() <= 1e-5
+    assert np.abs(runner.run_backbone(x) - ref_feats).max() <= 1e-5
+    # dynamic batch axis: batch of 1 and of 3 work too
+    for n in (1, 3):
+        assert np.abs(runner.run_full(x[:n], gains[:n]) - ref[:n]).max() <= 1e-5
+
+
+def test_composed_equals_full(trained):
+    runner = PackageRunner(trained["pkg"])
+    x, gains = _inputs(runner, trained["data"])
+    assert np.abs(runner.composed_logits(x, gains) - runner.run_full(x, gains)).max() <= 1e-5
+
+
+def test_manifest_schema_and_hash(trained):
+    pkg = trained["pkg"]
+    m = check_package(pkg)
+    assert m["schema"] == "spotlight.model/v1"
+    assert m["content_hash"] == content_hash(pkg)
+    # every listed file exists; manifest order has parents before children
+    ids = [s["id"] for s in m["segments"]]
+    for j, s in enumerate(m["segments"]):
+        assert s["parent"] is None or ids.index(s["parent"]) < j
+    # tampering with an ONNX file breaks the hash
+    f = pkg / m["segments"][0]["file"]
+    data = f.read_bytes()
+    try:
+        f.write_bytes(data + b"\0")
+        with pytest.raises(ValueError, match="content_hash"):
+            check_package(pkg)
+    finally:
+        f.write_bytes(data)
+    check_package(pkg)
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z.astype(np.float64))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_gain_zero_equals_segment_removed(trained):
+    runner = PackageRunner(trained["pkg"])
+    m = runner.manifest
+    x, _ = _inputs(runner, trained["data"])
+    k = len(m["categories"])
+    for j, s in enumerate(m["segments"]):
+        gains = np.ones((len(x), len(m["segments"])), np.float32)
+        gains[:, j] = 0.0
+        p_all = _softmax(runner.run_full(x, gains))
+        keep = [c for c in range(k) if c not in s["categories"]]
+        if not keep:
+            continue
+        # "removed": only the segments not under s run (cutout of the remaining categories)
+        cols = runner.run_segments(runner.run_backbone(x), runner.needed_segments(keep))
+        p_cut = _softmax(np.stack([cols[c] for c in keep], axis=1))
+        assert np.abs(p_all[:, keep] - p_cut).max() <= 1e-6, s["id"]
+        assert p_all[:, s["categories"]].max() <= 1e-6, s["id"]
+
+
+def test_gain_adds_log_gain(trained):
+    runner = PackageRunner(trained["pkg"])
+    m = runner.manifest
+    x, _ = _inputs(runner, trained["data"], n=16)
+    base = runner.run_full(x)
+    for j, s in enumerate(m["segments"]):
+        gains = np.ones((len(x), len(m["segments"])), np.float32)
+        gains[:, j] = 2.0
+        diff = runner.run_full(x, gains) - base
+        under = s["categories"]
+        assert np.allclose(diff[:, under], np.log(2.0), atol=1e-4), s["id"]
+        others = [c for c in range(len(m["categories"])) if c not in under]
+        assert np.abs(diff[:, others]).max() <= 1e-5
+
+
+def test_shipped_package():
+    pkg = REPO / "models" / "fashion-mnist-nested"
+    m = check_package(pkg)
+    assert m["name"] == "fashion-mnist-nested"
+    assert m["backbone"]["output_shape"] == [-1, 8, 7, 7]
+    cloud = sum(s["params"] for s in m["segments"])
+    for s in m["segments"]:
+        if s["parent"] is None:
+            sub = sum(t["params"] for t in m["segments"]
+                      if t["id"] == s["id"] or t["id"].startswith(s["id"] + "."))
+            assert 1 - sub / cloud >= 0.60, s["id"]
+    size = sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file())
+    assert size < 10e6
+
+
+def test_tree_parsing():
+    t = parse_tree({"categories": ["a", "b", "c", "d"],
+                    "tree": [{"id": "x", "children": [{"id": "y", "children": ["a", "b"]}, "c"]},
+                             {"id": "z", "children": ["d"]}]})
+    assert [s.id for s in t.segments] == ["x", "x.y", "z"]
+    assert t.by_id()["x"].categories == [0, 1, 2]
+    assert t.needed_segments([1]) == ["x", "x.y"]
+    with pytest.raises(ValueError):
+        parse_tree({"categories": ["a", "b"], "tree": [{"id": "x", "children": ["a"]}]})  # b missing
+    with pytest.raises(ValueError):
+        parse_tree({"categories": ["a"], "tree": [{"id": "x", "children": ["a", "a"]}]})
+
+
+def test_idx_roundtrip(tmp_path):
+    import gzip
+    import struct
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    with gzip.open(tmp_path / "t-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2, 3, 4) + arr.tobytes())
+    assert np.array_equal(read_idx(tmp_path / "t-images-idx3-ubyte.gz"), arr)
