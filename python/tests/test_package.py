@@ -150,3 +150,29 @@ def test_idx_roundtrip(tmp_path):
     with gzip.open(tmp_path / "t-images-idx3-ubyte.gz", "wb") as f:
         f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2, 3, 4) + arr.tobytes())
     assert np.array_equal(read_idx(tmp_path / "t-images-idx3-ubyte.gz"), arr)
+
+
+def test_other_tree_and_rgb(tmp_path):
+    """Nothing is tied to Fashion-MNIST: a toy tree (deeper nesting, mixed direct categories)
+    on rgb 8x8 input exports to a valid package whose composition equals full.onnx."""
+    from spotlight_model.model import NestedNet
+    from spotlight_model.package import export_package
+    tree = parse_tree({"name": "toy", "categories": ["a", "b", "c", "d", "e"],
+                       "tree": [{"id": "x", "channels": [6], "children": [
+                           {"id": "y", "channels": [4], "children": [
+                               {"id": "z", "channels": [4], "children": ["a", "b"]}, "c"]}, "d"]},
+                           {"id": "w", "channels": [5], "children": ["e"]}]})
+    torch.manual_seed(0)
+    model = NestedNet(tree, in_channels=3, bottleneck=4, backbone_widths=(4, 4, 4)).eval()
+    export_package(model, tmp_path, name="toy", mean=[0.5] * 3, std=[0.25] * 3, image_shape=(3, 8, 8))
+    m = check_package(tmp_path)
+    assert [s["id"] for s in m["segments"]] == ["x", "x.y", "x.y.z", "w"]
+    assert m["input"]["color"] == "rgb" and m["backbone"]["output_shape"] == [-1, 4, 2, 2]
+    runner = PackageRunner(tmp_path)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 3, 8, 8)).astype(np.float32)
+    g = rng.uniform(0, 2, size=(5, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(g)).numpy()
+    assert np.abs(runner.run_full(x, g) - ref).max() <= 1e-5
+    assert np.abs(runner.composed_logits(x, g) - ref).max() <= 1e-5
