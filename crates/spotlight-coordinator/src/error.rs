@@ -1,0 +1,115 @@
+//! One closed set of error codes, mapped once to gRPC and once to HTTP.
+
+use spotlight_model::ModelError;
+
+/// What kind of failure; decides the gRPC code and HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The caller sent something wrong (unknown category, bad tensor).
+    InvalidArgument,
+    /// The caller runs a different model.
+    FailedPrecondition,
+    /// No live worker could answer in time.
+    Unavailable,
+    /// A worker did not answer within its deadline.
+    DeadlineExceeded,
+    /// A lease or resource does not exist.
+    NotFound,
+    /// Too much in flight.
+    ResourceExhausted,
+    /// A bug or an unexpected failure.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The gRPC status code.
+    pub fn grpc(self) -> tonic::Code {
+        match self {
+            ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorCode::Unavailable => tonic::Code::Unavailable,
+            ErrorCode::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            ErrorCode::NotFound => tonic::Code::NotFound,
+            ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorCode::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn http(self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorCode::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Lower-case name for JSON bodies and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::FailedPrecondition => "failed_precondition",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// From a status a worker returned.
+    pub fn from_grpc(code: tonic::Code) -> Self {
+        match code {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => ErrorCode::InvalidArgument,
+            tonic::Code::FailedPrecondition => ErrorCode::FailedPrecondition,
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Aborted => {
+                ErrorCode::Unavailable
+            }
+            tonic::Code::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+            tonic::Code::NotFound => ErrorCode::NotFound,
+            tonic::Code::ResourceExhausted => ErrorCode::ResourceExhausted,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// An error with its code and a message for humans.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        let code = match e {
+            ModelError::UnknownCategory { .. }
+            | ModelError::UnknownGainTarget { .. }
+            | ModelError::BadGain { .. }
+            | ModelError::EmptyTask => ErrorCode::InvalidArgument,
+            _ => ErrorCode::Internal,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        tonic::Status::new(e.code.grpc(), e.message)
+    }
+}

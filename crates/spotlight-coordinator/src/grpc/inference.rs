@@ -1,0 +1,124 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use spotlight_proto::v1 as pb;
+use spotlight_proto::v1::cloud_message::Kind as Out;
+use spotlight_proto::v1::edge_message::Kind as In;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::error::ErrorCode;
+
+/// How long a new stream may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct InferenceService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for InferenceService {
+    type StreamStream = ReceiverStream<Result<pb::CloudMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::EdgeMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "no hello within 10 s of opening the stream",
+                ));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::invalid_argument("stream closed before hello")),
+            Ok(Ok(Some(pb::EdgeMessage {
+                kind: Some(In::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a stream must be hello",
+                ));
+            }
+        };
+        let model = &self.shared.model;
+        if hello.model_hash != model.hash() {
+            return Err(Status::failed_precondition(format!(
+                "edge \"{}\" runs model {}, but this coordinator serves {} ({})",
+                hello.edge_id,
+                hello.model_hash,
+                model.hash(),
+                model.name()
+            )));
+        }
+        let limit = self.shared.config.max_in_flight_per_stream;
+        let (tx, rx) = mpsc::channel(limit + 1);
+        let ready = pb::Ready {
+            task_version: self.shared.task.current().version,
+            model_name: model.name().to_string(),
+        };
+        let _ = tx
+            .send(Ok(pb::CloudMessage {
+                kind: Some(Out::Ready(ready)),
+            }))
+            .await;
+        let shared = self.shared.clone();
+        let span = tracing::info_span!("stream", edge_id = hello.edge_id, ?peer);
+        tracing::info!(parent: &span, "stream opened");
+        tokio::spawn(
+            async move {
+                let permits = Arc::new(Semaphore::new(limit));
+                let mut frames = 0u64;
+                loop {
+                    let msg = match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::info!(error = %status, "stream ended by the edge");
+                            break;
+                        }
+                    };
+                    let frame = match msg.kind {
+                        Some(In::Frame(f)) => f,
+                        _ => {
+                            let error = pb::FrameError {
+                                seq: 0,
+                                code: ErrorCode::InvalidArgument.grpc() as i32,
+                                message: "expected a frame; hello may only be sent once".into(),
+                            };
+                            let _ = tx.send(Ok(pb::CloudMessage { kind: Some(Out::Error(error)) })).await;
+                            continue;
+                        }
+                    };
+                    frames += 1;
+                    // Backpressure: at most `limit` frames of this stream in flight.
+                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                    // The task in force when the frame arrives is the one that answers it.
+                    let task = shared.task.current();
+                    let router = shared.router.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let seq = frame.seq;
+                        let kind = match router.route(seq, frame.features, task).await {
+                            Ok(p) => Out::Prediction(p),
+                            Err(e) => {
+                                tracing::debug!(seq, code = e.code.as_str(), error = %e.message, "frame failed");
+                                Out::Error(pb::FrameError { seq, code: e.code.grpc() as i32, message: e.message })
+                            }
+                        };
+                        let _ = tx.send(Ok(pb::CloudMessage { kind: Some(kind) })).await;
+                        drop(permit);
+                    });
+                }
+                tracing::info!(frames, "stream input closed; answering frames still in flight");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

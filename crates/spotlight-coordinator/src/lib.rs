@@ -1,0 +1,225 @@
+//! The coordinator: holds the task, registers workers, routes every frame to the workers
+//! hosting the segments its task needs, merges their outputs with top-down attention, and
+//! serves the control API (gRPC + HTTP/JSON).
+
+pub mod error;
+mod grpc;
+mod http;
+pub mod registry;
+pub mod router;
+pub mod task;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use spotlight_model::Model;
+use spotlight_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::{ApiError, ErrorCode};
+
+/// Coordinator settings (`configs/coordinator.toml` documents every key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// gRPC address: Inference, Control, Registry, health, reflection.
+    pub grpc_listen: SocketAddr,
+    /// HTTP/JSON control API address.
+    pub http_listen: SocketAddr,
+    /// Where the task is persisted; none keeps it in memory only.
+    pub state_file: Option<PathBuf>,
+    /// Worker lease time to live.
+    pub lease_ttl_ms: u64,
+    /// How long a frame waits for a live worker hosting a segment it needs.
+    pub no_worker_wait_ms: u64,
+    /// Deadline of one call to a worker.
+    pub worker_timeout_ms: u64,
+    /// Frames of one stream in flight at once.
+    pub max_in_flight_per_stream: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: ([0, 0, 0, 0], 7000).into(),
+            http_listen: ([0, 0, 0, 0], 7080).into(),
+            state_file: None,
+            lease_ttl_ms: 6000,
+            no_worker_wait_ms: 1000,
+            worker_timeout_ms: 5000,
+            max_in_flight_per_stream: 256,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Checks values that deserialisation cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lease_ttl_ms < 100 {
+            return Err(format!(
+                "lease_ttl_ms must be >= 100, got {}",
+                self.lease_ttl_ms
+            ));
+        }
+        if self.worker_timeout_ms == 0 {
+            return Err("worker_timeout_ms must be > 0".into());
+        }
+        if self.max_in_flight_per_stream == 0 {
+            return Err("max_in_flight_per_stream must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Pre-bound sockets, so callers (and tests) choose ports and know them before serving.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: CoordinatorConfig,
+    pub(crate) model: Arc<Model>,
+    pub(crate) task: task::TaskState,
+    pub(crate) registry: Arc<registry::Registry>,
+    pub(crate) router: router::Router,
+}
+
+impl Shared {
+    /// Segment ids with no live worker.
+    pub(crate) fn uncovered_segments(&self) -> Vec<String> {
+        let live = self.registry.live();
+        (0..self.model.segments().len())
+            .filter(|&s| !live.iter().any(|w| w.segments.contains(&s)))
+            .map(|s| self.model.segments()[s].id.clone())
+            .collect()
+    }
+}
+
+/// Startup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("invalid coordinator config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Task(ApiError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// Serves until `shutdown` resolves, then drains.
+pub async fn run(
+    config: CoordinatorConfig,
+    model: Arc<Model>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    config.validate().map_err(CoordinatorError::Config)?;
+    let task = task::TaskState::open(model.clone(), config.state_file.clone())
+        .map_err(CoordinatorError::Task)?;
+    let registry = Arc::new(registry::Registry::new(
+        model.clone(),
+        Duration::from_millis(config.lease_ttl_ms),
+    ));
+    let limits = router::RouteLimits {
+        no_worker_wait: Duration::from_millis(config.no_worker_wait_ms),
+        worker_timeout: Duration::from_millis(config.worker_timeout_ms),
+    };
+    let router = router::Router::new(model.clone(), registry.clone(), limits);
+    let shared = Arc::new(Shared {
+        config,
+        model,
+        task,
+        registry: registry.clone(),
+        router,
+    });
+    tracing::info!(
+        grpc = ?listeners.grpc.local_addr().ok(),
+        http = ?listeners.http.local_addr().ok(),
+        model = shared.model.name(),
+        task_version = shared.task.current().version,
+        "coordinator serving"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let reaper = {
+        let registry = registry.clone();
+        let period = (registry.ttl() / 2).max(Duration::from_millis(50));
+        let stop = stopped();
+        tokio::spawn(async move {
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(period) => { registry.reap(); }
+                }
+            }
+        })
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::inference_server::InferenceServer<grpc::inference::InferenceService>>()
+        .await;
+    health
+        .set_serving::<pb::control_server::ControlServer<grpc::control::ControlService>>()
+        .await;
+    health
+        .set_serving::<pb::registry_server::RegistryServer<grpc::registry::RegistryService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Reflection(e.to_string()))?;
+
+    let grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::inference_server::InferenceServer::new(
+            grpc::inference::InferenceService {
+                shared: shared.clone(),
+            },
+        ))
+        .add_service(pb::control_server::ControlServer::new(
+            grpc::control::ControlService {
+                shared: shared.clone(),
+            },
+        ))
+        .add_service(pb::registry_server::RegistryServer::new(
+            grpc::registry::RegistryService {
+                shared: shared.clone(),
+            },
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), stopped());
+    let http =
+        axum::serve(listeners.http, http::router(shared.clone())).with_graceful_shutdown(stopped());
+
+    let (g, h) = tokio::join!(grpc, http.into_future());
+    reaper.abort();
+    g?;
+    h.map_err(CoordinatorError::Http)?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

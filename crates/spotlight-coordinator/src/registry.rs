@@ -1,0 +1,266 @@
+//! Live workers: what they host, their leases, and how busy they are.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spotlight_model::Model;
+use spotlight_proto::v1::branches_client::BranchesClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{ApiError, ErrorCode};
+
+/// One registered worker.
+#[derive(Debug)]
+pub struct WorkerEntry {
+    pub lease_id: u64,
+    pub worker_id: String,
+    pub endpoint: String,
+    /// Segment indices hosted.
+    pub segments: Vec<usize>,
+    pub client: BranchesClient<Channel>,
+    /// Requests in flight to this worker.
+    pub outstanding: AtomicU32,
+    expires: Mutex<Instant>,
+}
+
+impl WorkerEntry {
+    fn alive(&self, now: Instant) -> bool {
+        self.expires.lock().map(|e| *e > now).unwrap_or(false)
+    }
+
+    /// Time left on the lease.
+    pub fn lease_remaining(&self) -> Duration {
+        self.expires
+            .lock()
+            .map(|e| e.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// Whether it hosts every segment in `segments`.
+    pub fn hosts_all(&self, segments: &[usize]) -> bool {
+        segments.iter().all(|s| self.segments.contains(s))
+    }
+}
+
+/// Keeps an outstanding-request count up while a call is in flight.
+pub struct InFlight(Arc<WorkerEntry>);
+
+impl InFlight {
+    pub fn new(worker: Arc<WorkerEntry>) -> Self {
+        worker.outstanding.fetch_add(1, Ordering::Relaxed);
+        Self(worker)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The worker registry.
+pub struct Registry {
+    model: Arc<Model>,
+    ttl: Duration,
+    next_lease: AtomicU64,
+    workers: Mutex<HashMap<u64, Arc<WorkerEntry>>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Registry {
+    pub fn new(model: Arc<Model>, ttl: Duration) -> Self {
+        Self {
+            model,
+            ttl,
+            next_lease: AtomicU64::new(1),
+            workers: Mutex::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Lease time to live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Adds a worker; refuses a different model or unknown segments.
+    pub fn register(
+        &self,
+        worker_id: String,
+        endpoint: String,
+        segments: &[String],
+        model_hash: &str,
+    ) -> Result<u64, ApiError> {
+        if model_hash != self.model.hash() {
+            return Err(ApiError::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "worker \"{worker_id}\" runs model {model_hash}, but this coordinator serves {} ({})",
+                    self.model.hash(),
+                    self.model.name()
+                ),
+            ));
+        }
+        let mut indices = Vec::with_capacity(segments.len());
+        for id in segments {
+            let i = self.model.segment_index(id).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "worker \"{worker_id}\" hosts unknown segment \"{id}\"; known: {}",
+                        self.model
+                            .segments()
+                            .iter()
+                            .map(|s| s.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            indices.push(i);
+        }
+        if indices.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("worker \"{worker_id}\" hosts no segment"),
+            ));
+        }
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("bad worker endpoint \"{endpoint}\": {e}"),
+                )
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let lease_id = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(WorkerEntry {
+            lease_id,
+            worker_id: worker_id.clone(),
+            endpoint: endpoint.clone(),
+            segments: indices,
+            client: BranchesClient::new(channel).max_decoding_message_size(16 << 20),
+            outstanding: AtomicU32::new(0),
+            expires: Mutex::new(Instant::now() + self.ttl),
+        });
+        self.lock().insert(lease_id, entry);
+        tracing::info!(
+            lease_id,
+            worker_id,
+            endpoint,
+            ?segments,
+            "worker registered"
+        );
+        self.changed.notify_waiters();
+        Ok(lease_id)
+    }
+
+    /// Renews a lease.
+    pub fn heartbeat(&self, lease_id: u64) -> Result<(), ApiError> {
+        let now = Instant::now();
+        let workers = self.lock();
+        match workers.get(&lease_id) {
+            Some(w) if w.alive(now) => {
+                if let Ok(mut e) = w.expires.lock() {
+                    *e = now + self.ttl;
+                }
+                Ok(())
+            }
+            _ => Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("lease {lease_id} is unknown or expired; register again"),
+            )),
+        }
+    }
+
+    /// Removes a worker.
+    pub fn deregister(&self, lease_id: u64) -> Result<(), ApiError> {
+        match self.lock().remove(&lease_id) {
+            Some(w) => {
+                tracing::info!(lease_id, worker_id = w.worker_id, "worker deregistered");
+                Ok(())
+            }
+            None => Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("lease {lease_id} is unknown"),
+            )),
+        }
+    }
+
+    /// Live workers, by lease id.
+    pub fn live(&self) -> Vec<Arc<WorkerEntry>> {
+        let now = Instant::now();
+        let mut live: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|w| w.alive(now))
+            .cloned()
+            .collect();
+        live.sort_by_key(|w| w.lease_id);
+        live
+    }
+
+    /// The live worker hosting all of `segments` with the fewest requests in flight,
+    /// skipping `exclude`.
+    pub fn pick(&self, segments: &[usize], exclude: &[u64]) -> Option<Arc<WorkerEntry>> {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|w| w.alive(now) && w.hosts_all(segments) && !exclude.contains(&w.lease_id))
+            .min_by_key(|w| (w.outstanding.load(Ordering::Relaxed), w.lease_id))
+            .cloned()
+    }
+
+    /// Like [`Registry::pick`], waiting up to `wait` for such a worker to register.
+    pub async fn pick_within(
+        &self,
+        segments: &[usize],
+        exclude: &[u64],
+        wait: Duration,
+    ) -> Option<Arc<WorkerEntry>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            if let Some(w) = self.pick(segments, exclude) {
+                return Some(w);
+            }
+            // Leases expire without a notification, so poll too.
+            let step = tokio::time::Instant::now() + Duration::from_millis(50);
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(step.min(deadline)) => {}
+            }
+        }
+    }
+
+    /// Drops expired leases; returns how many.
+    pub fn reap(&self) -> usize {
+        let now = Instant::now();
+        let mut workers = self.lock();
+        let before = workers.len();
+        workers.retain(|_, w| {
+            let alive = w.alive(now);
+            if !alive {
+                tracing::warn!(
+                    lease_id = w.lease_id,
+                    worker_id = w.worker_id,
+                    "worker lease expired"
+                );
+            }
+            alive
+        });
+        before - workers.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<WorkerEntry>>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,133 @@
+//! The current task: relevant categories and gains, versioned, persisted, watchable.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use spotlight_model::{Model, Plan, TaskSpec};
+use tokio::sync::watch;
+
+use crate::error::{ApiError, ErrorCode};
+
+/// A task in force, with its resolved plan.
+#[derive(Debug, Clone)]
+pub struct ActiveTask {
+    /// Increases by one with every change.
+    pub version: u64,
+    /// As the operator wrote it.
+    pub spec: TaskSpec,
+    /// Resolved against the model.
+    pub plan: Plan,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Persisted {
+    version: u64,
+    #[serde(flatten)]
+    spec: TaskSpec,
+}
+
+/// Holds the task; every change is validated, persisted, then published.
+pub struct TaskState {
+    model: Arc<Model>,
+    state_file: Option<PathBuf>,
+    tx: watch::Sender<Arc<ActiveTask>>,
+    // Serialises writers so versions and the file stay in step.
+    write: tokio::sync::Mutex<()>,
+}
+
+impl TaskState {
+    /// Loads the task from `state_file` if it exists, else starts at version 1 with every
+    /// category relevant.
+    pub fn open(model: Arc<Model>, state_file: Option<PathBuf>) -> Result<Self, ApiError> {
+        let (version, spec) = match state_file.as_deref().filter(|p| p.exists()) {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::Internal,
+                        format!("cannot read task state {}: {e}", path.display()),
+                    )
+                })?;
+                let p: Persisted = serde_json::from_str(&text).map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::Internal,
+                        format!("invalid task state {}: {e}", path.display()),
+                    )
+                })?;
+                (p.version, p.spec)
+            }
+            None => (1, TaskSpec::default()),
+        };
+        let plan = model.plan(&spec).map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("task state does not fit model {}: {e}", model.name()),
+            )
+        })?;
+        let (tx, _) = watch::channel(Arc::new(ActiveTask {
+            version,
+            spec,
+            plan,
+        }));
+        Ok(Self {
+            model,
+            state_file,
+            tx,
+            write: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The task in force now.
+    pub fn current(&self) -> Arc<ActiveTask> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ActiveTask>> {
+        self.tx.subscribe()
+    }
+
+    /// Validates and installs a new task; it applies from the next frame routed.
+    pub async fn set(&self, spec: TaskSpec) -> Result<Arc<ActiveTask>, ApiError> {
+        let plan = self.model.plan(&spec)?;
+        let _guard = self.write.lock().await;
+        let version = self.current().version + 1;
+        if let Some(path) = &self.state_file {
+            persist(
+                path,
+                &Persisted {
+                    version,
+                    spec: spec.clone(),
+                },
+            )
+            .await?;
+        }
+        let task = Arc::new(ActiveTask {
+            version,
+            spec,
+            plan,
+        });
+        self.tx.send_replace(task.clone());
+        tracing::info!(version, categories = ?task.spec.categories, gains = ?task.spec.gains, "task changed");
+        Ok(task)
+    }
+}
+
+async fn persist(path: &Path, state: &Persisted) -> Result<(), ApiError> {
+    let err = |e: std::io::Error| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("cannot persist task to {}: {e}", path.display()),
+        )
+    };
+    let json = serde_json::to_vec_pretty(state)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(dir).await.map_err(err)?;
+    }
+    // Write then rename, so a crash never leaves half a file.
+    let tmp = path.with_extension("tmp");
+    tokio::fs::write(&tmp, json).await.map_err(err)?;
+    tokio::fs::rename(&tmp, path).await.map_err(err)
+}

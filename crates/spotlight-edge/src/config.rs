@@ -1,0 +1,251 @@
+//! Edge agent configuration: deserialised from the layered config, then validated once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use spotlight_codec::Codec;
+
+use crate::EdgeError;
+
+/// Everything the edge agent needs besides the model package.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Coordinator endpoint, e.g. `http://127.0.0.1:7000`.
+    pub coordinator: String,
+    /// Free-form identifier of this device, sent in the hello.
+    pub edge_id: String,
+    /// Codec of the feature tensors on the wire.
+    pub codec: Codec,
+    /// Where images come from.
+    pub source: SourceConfig,
+    /// Stop after this many inputs of the dataset source.
+    pub limit: Option<u64>,
+    /// Frames sent but not yet answered, at most.
+    pub max_in_flight: usize,
+    /// Images run through the backbone together when several are queued.
+    pub batch_size: usize,
+    /// Intra-op threads of the backbone session.
+    pub backbone_threads: usize,
+    /// JSON lines output: a file path, `-` for stdout, or none.
+    pub output: Option<String>,
+    /// Print only the last N records to stdout when done.
+    pub print_tail: Option<usize>,
+    /// Reconnection policy.
+    pub reconnect: ReconnectConfig,
+    /// Address of the local device API (`POST /v1/classify`); none disables it.
+    pub listen: Option<SocketAddr>,
+    /// After shutdown is requested, how long to wait for in-flight answers.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "http://127.0.0.1:7000".into(),
+            edge_id: "edge".into(),
+            codec: Codec::Int8,
+            source: SourceConfig::None,
+            limit: None,
+            max_in_flight: 64,
+            batch_size: 16,
+            backbone_threads: 1,
+            output: None,
+            print_tail: None,
+            reconnect: ReconnectConfig::default(),
+            listen: None,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Where the edge agent reads images from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Fashion-MNIST style idx files (gzip or plain).
+    Idx {
+        /// `*-images-idx3-ubyte[.gz]`.
+        images: PathBuf,
+        /// `*-labels-idx1-ubyte[.gz]`; label index = category index.
+        #[serde(default)]
+        labels: Option<PathBuf>,
+    },
+    /// A folder of PNG/JPEG images, searched recursively; the parent directory name is the
+    /// label when it names a category.
+    Folder {
+        /// The folder.
+        path: PathBuf,
+    },
+    /// No dataset; only the local API (if any) feeds the pipeline.
+    None,
+}
+
+/// Exponential backoff between connection attempts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    /// Wait before the first retry.
+    pub initial_backoff_ms: u64,
+    /// Upper bound of the wait.
+    pub max_backoff_ms: u64,
+    /// Consecutive failed attempts before giving up.
+    pub max_attempts: u32,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 5_000,
+            max_attempts: 10,
+        }
+    }
+}
+
+impl ReconnectConfig {
+    /// Wait before retry number `attempt` (1-based): doubles from the initial backoff, capped.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let shift = attempt.saturating_sub(1).min(30);
+        let ms = self
+            .initial_backoff_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.max_backoff_ms);
+        Duration::from_millis(ms)
+    }
+}
+
+impl EdgeConfig {
+    /// Checks values that deserialisation cannot.
+    pub fn validate(&self) -> Result<(), EdgeError> {
+        let bad = |m: String| Err(EdgeError::Config(m));
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return bad(format!(
+                "coordinator \"{}\" is not an http:// or https:// URL",
+                self.coordinator
+            ));
+        }
+        if self.edge_id.trim().is_empty() {
+            return bad("edge_id is empty".into());
+        }
+        if self.max_in_flight == 0 {
+            return bad("max_in_flight must be at least 1, got 0".into());
+        }
+        if self.batch_size == 0 || self.batch_size > 1024 {
+            return bad(format!(
+                "batch_size must be within 1..=1024, got {}",
+                self.batch_size
+            ));
+        }
+        if self.backbone_threads == 0 {
+            return bad("backbone_threads must be at least 1, got 0".into());
+        }
+        if self.limit == Some(0) {
+            return bad("limit must be at least 1 when set, got 0".into());
+        }
+        if self.output.as_deref().is_some_and(|o| o.trim().is_empty()) {
+            return bad("output is empty; expected a file path or \"-\" for stdout".into());
+        }
+        let r = &self.reconnect;
+        if r.initial_backoff_ms == 0 || r.max_backoff_ms < r.initial_backoff_ms {
+            return bad(format!(
+                "reconnect backoff must satisfy 0 < initial_backoff_ms <= max_backoff_ms, got {} and {}",
+                r.initial_backoff_ms, r.max_backoff_ms
+            ));
+        }
+        if r.max_attempts == 0 {
+            return bad("reconnect.max_attempts must be at least 1, got 0".into());
+        }
+        if matches!(self.source, SourceConfig::None) && self.listen.is_none() {
+            return bad("nothing to do: source is none and no listen address is set".into());
+        }
+        Ok(())
+    }
+
+    /// The in-flight drain timeout.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_a_source() {
+        let err = EdgeConfig::default().validate().unwrap_err();
+        assert!(err.to_string().contains("nothing to do"), "{err}");
+        let cfg = EdgeConfig {
+            source: SourceConfig::Folder {
+                path: "imgs".into(),
+            },
+            ..EdgeConfig::default()
+        };
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn deserialises_tagged_source_and_rejects_unknown_fields() {
+        let cfg: EdgeConfig = serde_json::from_str(
+            r#"{"codec":"f16","source":{"idx":{"images":"a.gz"}},"limit":5,
+                "reconnect":{"max_attempts":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.codec, Codec::F16);
+        assert_eq!(
+            cfg.source,
+            SourceConfig::Idx {
+                images: "a.gz".into(),
+                labels: None
+            }
+        );
+        assert_eq!(cfg.reconnect.max_attempts, 3);
+        assert_eq!(cfg.reconnect.initial_backoff_ms, 100);
+        assert!(serde_json::from_str::<EdgeConfig>(r#"{"max_inflight":3}"#).is_err());
+        let none: EdgeConfig = serde_json::from_str(r#"{"source":"none"}"#).unwrap();
+        assert_eq!(none.source, SourceConfig::None);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let r = ReconnectConfig {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 350,
+            max_attempts: 5,
+        };
+        let ms: Vec<u128> = (1..=4).map(|a| r.backoff(a).as_millis()).collect();
+        assert_eq!(ms, vec![100, 200, 350, 350]);
+        assert_eq!(r.backoff(200).as_millis(), 350);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let base = EdgeConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..EdgeConfig::default()
+        };
+        base.validate().unwrap();
+        for cfg in [
+            EdgeConfig {
+                coordinator: "127.0.0.1:7000".into(),
+                ..base.clone()
+            },
+            EdgeConfig {
+                max_in_flight: 0,
+                ..base.clone()
+            },
+            EdgeConfig {
+                reconnect: ReconnectConfig {
+                    max_attempts: 0,
+                    ..ReconnectConfig::default()
+                },
+                ..base.clone()
+            },
+        ] {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+    }
+}

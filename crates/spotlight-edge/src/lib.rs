@@ -1,0 +1,258 @@
+//! The spotlight edge agent: runs the CNN backbone on ONNX Runtime, streams encoded feature
+//! tensors to the coordinator over one bidirectional gRPC stream, and reports the
+//! predictions that come back.
+//!
+//! Pipeline: sources (idx files, an image folder, the local device API) → a dedicated
+//! backbone thread (batches queued images, encodes one frame per image) → the stream driver
+//! (bounded window in flight, reconnects with backoff and re-sends unanswered frames) →
+//! the reporter thread (JSON lines, tail, progress, [`Summary`]). Every input ends as
+//! exactly one record: a prediction or an explicit error.
+
+mod backbone;
+mod config;
+mod error;
+mod image_input;
+mod local_api;
+mod record;
+mod report;
+mod source;
+mod stream;
+mod summary;
+
+pub use backbone::{Backbone, feature_tensor};
+pub use config::{EdgeConfig, ReconnectConfig, SourceConfig};
+pub use error::EdgeError;
+pub use image_input::{decode_image, fit_gray};
+pub use local_api::{ClassifyResponse, http_status};
+pub use record::{CloudPrediction, FrameFailure, Record, Score};
+pub use source::{folder, idx};
+pub use summary::{Summary, VersionStats, percentile};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spotlight_model::Model;
+use spotlight_proto::v1::Hello;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::transport::Endpoint;
+use tracing::Instrument;
+
+use crate::record::{SeqGen, Sink};
+use crate::report::{Output, Reporter, Tail};
+use crate::stream::StreamDriver;
+
+/// Optional hooks of a run.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Receives the number of inputs answered (predictions + errors) after each one.
+    pub progress: Option<watch::Sender<u64>>,
+    /// A pre-bound listener for the local API; takes precedence over `config.listen`.
+    pub local_listener: Option<TcpListener>,
+}
+
+/// Runs the edge agent until the dataset source is exhausted and answered (when there is
+/// no local API), or until `shutdown` resolves (then frames in flight get up to
+/// `drain_timeout_ms` to be answered).
+pub async fn run(
+    config: EdgeConfig,
+    model: Arc<Model>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Summary, EdgeError> {
+    run_with(config, model, RunOptions::default(), shutdown).await
+}
+
+/// [`run`] with progress reporting and a pre-bound local API listener.
+pub async fn run_with(
+    config: EdgeConfig,
+    model: Arc<Model>,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Summary, EdgeError> {
+    config.validate()?;
+    let span =
+        tracing::info_span!("edge", edge_id = %config.edge_id, coordinator = %config.coordinator);
+    run_validated(config, model, options, shutdown)
+        .instrument(span)
+        .await
+}
+
+fn endpoint(coordinator: &str) -> Result<Endpoint, EdgeError> {
+    Ok(Endpoint::from_shared(coordinator.to_string())
+        .map_err(|e| {
+            EdgeError::Config(format!(
+                "coordinator \"{coordinator}\" is not a valid URI: {e}"
+            ))
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+fn internal(what: &str) -> impl Fn(tokio::task::JoinError) -> EdgeError + '_ {
+    move |e| EdgeError::Internal(format!("{what}: {e}"))
+}
+
+async fn run_validated(
+    config: EdgeConfig,
+    model: Arc<Model>,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Summary, EdgeError> {
+    let endpoint = endpoint(&config.coordinator)?;
+    let dataset = {
+        let (source, model) = (config.source.clone(), model.clone());
+        tokio::task::spawn_blocking(move || source::load(&source, &model))
+            .await
+            .map_err(internal("loading the dataset"))??
+    };
+    let listener = match (options.local_listener, config.listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| EdgeError::Bind { addr, source })?,
+        ),
+        (None, None) => None,
+    };
+    let output = Output::open(config.output.as_deref(), config.print_tail.is_some())?;
+
+    // Backbone on its own thread; opening it is the first thing it does.
+    let (items_tx, items_rx) = mpsc::channel(config.batch_size * 2);
+    let (jobs_tx, jobs_rx) = mpsc::channel(config.batch_size);
+    let (records_tx, records_rx) = mpsc::unbounded_channel();
+    let sink = Sink::new(model.categories(), records_tx);
+    let (opened_tx, opened_rx) = oneshot::channel();
+    let backbone_thread = {
+        let (model, sink, codec) = (model.clone(), sink.clone(), config.codec);
+        let (threads, batch) = (config.backbone_threads, config.batch_size);
+        std::thread::Builder::new()
+            .name("spotlight-backbone".into())
+            .spawn(move || match Backbone::open(model, codec, threads) {
+                Ok(b) => {
+                    let _ = opened_tx.send(Ok(()));
+                    backbone::serve(b, batch, items_rx, jobs_tx, sink);
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| EdgeError::Internal(format!("cannot start the backbone thread: {e}")))?
+    };
+    opened_rx
+        .await
+        .map_err(|_| EdgeError::Internal("backbone thread exited while opening".into()))??;
+    tracing::info!(model = %model.name(), codec = ?config.codec, "backbone ready");
+
+    let start = Instant::now();
+    let reporter = Reporter {
+        output,
+        tail: config.print_tail.map(Tail::new),
+        summary: summary::SummaryBuilder::new(model.cloud_macs_total()),
+        progress: options.progress,
+        start,
+    };
+    let reporter_thread = std::thread::Builder::new()
+        .name("spotlight-report".into())
+        .spawn(move || reporter.run(records_rx))
+        .map_err(|e| EdgeError::Internal(format!("cannot start the reporter thread: {e}")))?;
+
+    let stop = Arc::new(watch::channel(false).0);
+    let seq = SeqGen::default();
+    let mut tasks = Vec::new();
+    if let Some(dataset) = dataset {
+        tasks.push(tokio::spawn({
+            let fut = source::feed(
+                dataset,
+                model.clone(),
+                config.limit,
+                seq.clone(),
+                items_tx.clone(),
+                stop.subscribe(),
+            );
+            async move {
+                fut.await;
+            }
+            .in_current_span()
+        }));
+    }
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "local API listening");
+        }
+        let router = local_api::router(items_tx.clone(), seq.clone());
+        let mut stopped = stop.subscribe();
+        tasks.push(tokio::spawn(
+            async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "local API failed");
+                }
+            }
+            .in_current_span(),
+        ));
+    }
+    drop(items_tx);
+
+    let hello = Hello {
+        model_hash: model.hash().to_string(),
+        edge_id: config.edge_id.clone(),
+    };
+    let driver = StreamDriver::new(
+        endpoint,
+        config.coordinator.clone(),
+        hello,
+        config.reconnect.clone(),
+        config.drain_timeout(),
+        sink,
+        jobs_rx,
+        config.max_in_flight,
+        stop.clone(),
+    );
+    let mut driver = tokio::spawn(driver.run().in_current_span());
+    let shutdown = std::pin::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut driver => r,
+        () = shutdown => {
+            tracing::info!("shutdown requested");
+            stop.send_replace(true);
+            driver.await
+        }
+    };
+    stop.send_replace(true);
+    for t in tasks {
+        t.await.map_err(internal("source task"))?;
+    }
+    let joined = tokio::task::spawn_blocking(move || {
+        let backbone = backbone_thread.join();
+        let summary = reporter_thread.join();
+        (backbone, summary)
+    })
+    .await
+    .map_err(internal("joining threads"))?;
+    let summary = match joined {
+        (Ok(()), Ok(summary)) => summary?,
+        _ => return Err(EdgeError::Internal("a pipeline thread panicked".into())),
+    };
+    match result.map_err(internal("stream driver"))? {
+        Ok(()) => {
+            tracing::info!(
+                frames = summary.frames,
+                errors = summary.errors,
+                "edge run finished"
+            );
+            Ok(summary)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, summary = %summary, "edge run failed");
+            Err(e)
+        }
+    }
+}

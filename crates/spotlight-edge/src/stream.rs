@@ -1,0 +1,559 @@
+//! The bidirectional stream to the coordinator: hello, frames out, answers in, a bounded
+//! window of frames in flight, and reconnection with exponential backoff that re-sends the
+//! unanswered frames.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use spotlight_proto::v1::inference_client::InferenceClient;
+use spotlight_proto::v1::{
+    CloudMessage, EdgeMessage, Frame, FrameError, Hello, Prediction, cloud_message, edge_message,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::Instrument;
+
+use crate::EdgeError;
+use crate::backbone::Job;
+use crate::config::ReconnectConfig;
+use crate::record::{CloudPrediction, FrameFailure, ItemMeta, Score, Sink, code};
+
+/// How long to wait for `ready` after the hello.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A frame sent and not yet answered.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub meta: ItemMeta,
+    pub frame: Frame,
+    pub started: Instant,
+}
+
+/// Frames in flight, by seq. Answers for unknown seqs (already answered, e.g. by a stream
+/// that broke after answering) are dropped, so each frame is reported once.
+#[derive(Debug)]
+pub(crate) struct Window {
+    cap: usize,
+    pending: BTreeMap<u64, Pending>,
+    duplicates: u64,
+}
+
+fn frame_message(frame: Frame) -> EdgeMessage {
+    EdgeMessage {
+        kind: Some(edge_message::Kind::Frame(frame)),
+    }
+}
+
+impl Window {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            pending: BTreeMap::new(),
+            duplicates: 0,
+        }
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.pending.len() < self.cap
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Answers dropped because their seq was not in flight.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Records a job as in flight; returns the message to send.
+    pub fn insert(&mut self, job: Job) -> EdgeMessage {
+        let frame = Frame {
+            seq: job.meta.seq,
+            features: Some(job.features),
+        };
+        let msg = frame_message(frame.clone());
+        self.pending.insert(
+            frame.seq,
+            Pending {
+                meta: job.meta,
+                frame,
+                started: job.started,
+            },
+        );
+        msg
+    }
+
+    /// Every unanswered frame, in seq order, to send again on a new stream.
+    pub fn resend(&self) -> Vec<EdgeMessage> {
+        self.pending
+            .values()
+            .map(|p| frame_message(p.frame.clone()))
+            .collect()
+    }
+
+    /// Takes the frame an answer is for; `None` (counted as duplicate) if it is not in flight.
+    pub fn answer(&mut self, seq: u64) -> Option<Pending> {
+        let p = self.pending.remove(&seq);
+        if p.is_none() {
+            self.duplicates += 1;
+        }
+        p
+    }
+
+    /// Takes every unanswered frame.
+    pub fn drain(&mut self) -> Vec<Pending> {
+        std::mem::take(&mut self.pending).into_values().collect()
+    }
+}
+
+pub(crate) fn prediction_from_proto(p: Prediction) -> CloudPrediction {
+    let cost = p.cost.unwrap_or_default();
+    CloudPrediction {
+        task_version: p.task_version,
+        top_index: p.top_index,
+        top_name: p.top_name,
+        scores: p
+            .scores
+            .into_iter()
+            .map(|s| Score {
+                index: s.index,
+                name: s.name,
+                score: s.score,
+            })
+            .collect(),
+        segments_run: cost.segments_run,
+        cloud_macs: cost.cloud_macs,
+        cloud_macs_saved: cost.cloud_macs_saved,
+    }
+}
+
+/// Resolves once stop is set.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The sender lives as long as the driver, so this only returns on stop.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// What stopped a session.
+enum SessionEnd {
+    /// Input finished and every frame answered.
+    Done,
+    /// Shutdown was requested and the drain timeout passed.
+    DrainExpired,
+    /// The stream or connection broke; reconnect.
+    Broken(String),
+    /// Reconnecting cannot help.
+    Fatal(EdgeError),
+}
+
+/// Why opening a session failed.
+enum OpenError {
+    Retry(String),
+    Fatal(EdgeError),
+}
+
+enum Event {
+    Inbound(Option<Result<CloudMessage, tonic::Status>>),
+    Job(Option<Job>),
+    Stop,
+    Deadline,
+}
+
+/// Everything the stream driver needs.
+pub(crate) struct StreamDriver {
+    pub endpoint: Endpoint,
+    pub coordinator: String,
+    pub hello: Hello,
+    pub reconnect: ReconnectConfig,
+    pub drain_timeout: Duration,
+    pub sink: Sink,
+    pub jobs: mpsc::Receiver<Job>,
+    pub window: Window,
+    /// Set to true on shutdown (external) or by the driver itself on fatal errors.
+    pub stop: Arc<watch::Sender<bool>>,
+    pub stop_rx: watch::Receiver<bool>,
+    input_open: bool,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl StreamDriver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        endpoint: Endpoint,
+        coordinator: String,
+        hello: Hello,
+        reconnect: ReconnectConfig,
+        drain_timeout: Duration,
+        sink: Sink,
+        jobs: mpsc::Receiver<Job>,
+        max_in_flight: usize,
+        stop: Arc<watch::Sender<bool>>,
+    ) -> Self {
+        let stop_rx = stop.subscribe();
+        Self {
+            endpoint,
+            coordinator,
+            hello,
+            reconnect,
+            drain_timeout,
+            sink,
+            jobs,
+            window: Window::new(max_in_flight),
+            stop,
+            stop_rx,
+            input_open: true,
+            deadline: None,
+        }
+    }
+
+    /// Runs until every job is answered (or failed). Errors are fatal model mismatches or
+    /// giving up after `max_attempts` failed connection attempts.
+    pub async fn run(mut self) -> Result<(), EdgeError> {
+        let mut failures = 0u32;
+        loop {
+            if !self.input_open && self.window.is_empty() {
+                return Ok(());
+            }
+            let span = tracing::info_span!("session", coordinator = %self.coordinator, attempt = failures + 1);
+            let end = match self.open().instrument(span.clone()).await {
+                Ok((tx, inbound)) => {
+                    failures = 0;
+                    self.session(tx, inbound).instrument(span).await
+                }
+                Err(OpenError::Retry(reason)) => SessionEnd::Broken(reason),
+                Err(OpenError::Fatal(e)) => SessionEnd::Fatal(e),
+            };
+            match end {
+                SessionEnd::Done => return Ok(()),
+                SessionEnd::DrainExpired => {
+                    self.fail_all(FrameFailure::new(
+                        code::CANCELLED,
+                        "shut down before the coordinator answered",
+                    ))
+                    .await;
+                    return Ok(());
+                }
+                SessionEnd::Fatal(e) => {
+                    self.fail_all(FrameFailure::new(code::FAILED_PRECONDITION, e.to_string()))
+                        .await;
+                    return Err(e);
+                }
+                SessionEnd::Broken(reason) => {
+                    failures += 1;
+                    if failures >= self.reconnect.max_attempts {
+                        let unanswered = self.window.len() as u64;
+                        let e = EdgeError::Unreachable {
+                            endpoint: self.coordinator.clone(),
+                            attempts: failures,
+                            last: reason,
+                            unanswered,
+                        };
+                        self.fail_all(FrameFailure::new(code::UNAVAILABLE, e.to_string()))
+                            .await;
+                        return Err(e);
+                    }
+                    let wait = self.reconnect.backoff(failures);
+                    tracing::warn!(%reason, attempt = failures, wait_ms = wait.as_millis() as u64,
+                        unanswered = self.window.len(), "stream to coordinator broke; reconnecting");
+                    if self.wait(wait).await {
+                        self.fail_all(FrameFailure::new(
+                            code::CANCELLED,
+                            format!(
+                                "shut down while reconnecting to {}: {reason}",
+                                self.coordinator
+                            ),
+                        ))
+                        .await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits `wait`; true if the drain deadline passed meanwhile.
+    async fn wait(&mut self, wait: Duration) -> bool {
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
+            tokio::select! {
+                _ = &mut sleep => return false,
+                _ = tokio::time::sleep_until(deadline), if self.deadline.is_some() => return true,
+                _ = stopped(&mut self.stop_rx), if self.deadline.is_none() => self.start_drain(),
+            }
+        }
+    }
+
+    fn start_drain(&mut self) {
+        tracing::info!(
+            unanswered = self.window.len(),
+            timeout_ms = self.drain_timeout.as_millis() as u64,
+            "shutdown requested; draining frames in flight"
+        );
+        self.deadline = Some(tokio::time::Instant::now() + self.drain_timeout);
+    }
+
+    /// Fails every frame in flight and every job still to come with `failure`, and stops
+    /// the sources.
+    async fn fail_all(&mut self, failure: FrameFailure) {
+        self.stop.send_replace(true);
+        for p in self.window.drain() {
+            self.sink.fail(p.meta, failure.clone());
+        }
+        while let Some(job) = self.jobs.recv().await {
+            self.sink.fail(job.meta, failure.clone());
+        }
+        self.input_open = false;
+    }
+
+    async fn open(
+        &mut self,
+    ) -> Result<
+        (
+            mpsc::Sender<EdgeMessage>,
+            tonic::codec::Streaming<CloudMessage>,
+        ),
+        OpenError,
+    > {
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| OpenError::Retry(format!("cannot connect: {e}")))?;
+        let mut client = InferenceClient::new(channel);
+        let (tx, rx) = mpsc::channel(self.window.cap + 2);
+        let hello = EdgeMessage {
+            kind: Some(edge_message::Kind::Hello(self.hello.clone())),
+        };
+        tx.send(hello)
+            .await
+            .map_err(|_| OpenError::Retry("request stream closed before hello".into()))?;
+        let mut inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| self.classify(s))?
+            .into_inner();
+        let first = tokio::time::timeout(READY_TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| OpenError::Retry(format!("no ready within {READY_TIMEOUT:?}")))?;
+        match first {
+            Some(Ok(CloudMessage {
+                kind: Some(cloud_message::Kind::Ready(ready)),
+            })) => {
+                tracing::info!(task_version = ready.task_version, model = %ready.model_name,
+                    resend = self.window.len(), "stream ready");
+                for msg in self.window.resend() {
+                    tx.send(msg)
+                        .await
+                        .map_err(|_| OpenError::Retry("request stream closed".into()))?;
+                }
+                Ok((tx, inbound))
+            }
+            Some(Ok(other)) => Err(OpenError::Retry(format!(
+                "expected ready after hello, got {:?}",
+                other.kind
+            ))),
+            Some(Err(status)) => Err(self.classify(status)),
+            None => Err(OpenError::Retry(
+                "coordinator closed the stream before ready".into(),
+            )),
+        }
+    }
+
+    fn classify(&self, status: tonic::Status) -> OpenError {
+        if status.code() == tonic::Code::FailedPrecondition {
+            OpenError::Fatal(EdgeError::ModelMismatch {
+                endpoint: self.coordinator.clone(),
+                model_hash: self.hello.model_hash.clone(),
+                message: status.message().to_string(),
+            })
+        } else {
+            OpenError::Retry(format!(
+                "coordinator answered {:?}: {}",
+                status.code(),
+                status.message()
+            ))
+        }
+    }
+
+    async fn session(
+        &mut self,
+        tx: mpsc::Sender<EdgeMessage>,
+        mut inbound: tonic::codec::Streaming<CloudMessage>,
+    ) -> SessionEnd {
+        loop {
+            if !self.input_open && self.window.is_empty() {
+                return SessionEnd::Done;
+            }
+            let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
+            let take_jobs = self.input_open && self.window.has_room();
+            let event = tokio::select! {
+                m = inbound.next() => Event::Inbound(m),
+                j = self.jobs.recv(), if take_jobs => Event::Job(j),
+                _ = stopped(&mut self.stop_rx), if self.deadline.is_none() => Event::Stop,
+                _ = tokio::time::sleep_until(deadline), if self.deadline.is_some() => Event::Deadline,
+            };
+            match event {
+                Event::Inbound(Some(Ok(msg))) => self.on_message(msg),
+                Event::Inbound(Some(Err(status))) => {
+                    return match self.classify(status) {
+                        OpenError::Fatal(e) => SessionEnd::Fatal(e),
+                        OpenError::Retry(reason) => SessionEnd::Broken(reason),
+                    };
+                }
+                Event::Inbound(None) => {
+                    return SessionEnd::Broken("coordinator closed the stream".into());
+                }
+                Event::Job(Some(job)) => {
+                    let msg = self.window.insert(job);
+                    if tx.send(msg).await.is_err() {
+                        return SessionEnd::Broken("request stream closed".into());
+                    }
+                }
+                Event::Job(None) => self.input_open = false,
+                Event::Stop => self.start_drain(),
+                Event::Deadline => return SessionEnd::DrainExpired,
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: CloudMessage) {
+        let (seq, outcome) = match msg.kind {
+            Some(cloud_message::Kind::Prediction(p)) => (p.seq, Ok(prediction_from_proto(p))),
+            Some(cloud_message::Kind::Error(FrameError { seq, code, message })) => {
+                (seq, Err(FrameFailure::new(code, message)))
+            }
+            Some(cloud_message::Kind::Ready(_)) | None => {
+                tracing::warn!("unexpected message from coordinator ignored");
+                return;
+            }
+        };
+        match self.window.answer(seq) {
+            Some(p) => {
+                let bytes = p.frame.features.as_ref().map(|f| f.data.len());
+                self.sink
+                    .finish(p.meta, outcome, Some(p.started.elapsed()), bytes);
+            }
+            None => tracing::debug!(
+                seq,
+                duplicates = self.window.duplicates(),
+                "answer for a frame not in flight ignored"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spotlight_proto::v1::FeatureTensor;
+
+    fn job(seq: u64) -> Job {
+        Job {
+            meta: ItemMeta {
+                seq,
+                item: format!("item{seq}"),
+                label: None,
+                reply: None,
+            },
+            features: FeatureTensor {
+                codec: 3,
+                shape: vec![1, 8, 7, 7],
+                data: vec![seq as u8; 392],
+                scale: 0.1,
+                zero_point: 0.0,
+            },
+            started: Instant::now(),
+        }
+    }
+
+    fn seqs(msgs: &[EdgeMessage]) -> Vec<u64> {
+        msgs.iter()
+            .map(|m| match &m.kind {
+                Some(edge_message::Kind::Frame(f)) => f.seq,
+                _ => panic!("not a frame"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn window_is_bounded() {
+        let mut w = Window::new(2);
+        w.insert(job(1));
+        assert!(w.has_room());
+        w.insert(job(2));
+        assert!(!w.has_room());
+        assert!(w.answer(1).is_some());
+        assert!(w.has_room());
+    }
+
+    #[test]
+    fn reconnect_resends_only_unanswered_frames_in_seq_order() {
+        let mut w = Window::new(8);
+        for s in [3, 1, 2, 5, 4] {
+            let msg = w.insert(job(s));
+            assert_eq!(seqs(&[msg]), vec![s]);
+        }
+        assert_eq!(w.answer(2).map(|p| p.meta.seq), Some(2));
+        assert_eq!(w.answer(5).map(|p| p.meta.seq), Some(5));
+        // The stream breaks: the new stream gets 1, 3, 4 with their original features.
+        let resend = w.resend();
+        assert_eq!(seqs(&resend), vec![1, 3, 4]);
+        match &resend[1].kind {
+            Some(edge_message::Kind::Frame(f)) => {
+                assert_eq!(f.features.as_ref().map(|t| t.data[0]), Some(3));
+            }
+            _ => panic!("not a frame"),
+        }
+        assert_eq!(w.len(), 3);
+    }
+
+    #[test]
+    fn answers_are_deduplicated_by_seq() {
+        let mut w = Window::new(8);
+        w.insert(job(1));
+        w.insert(job(2));
+        assert!(w.answer(1).is_some());
+        // A late duplicate, e.g. the old and the new stream both answered seq 1.
+        assert!(w.answer(1).is_none());
+        assert!(w.answer(99).is_none());
+        assert_eq!(w.duplicates(), 2);
+        let left: Vec<u64> = w.drain().into_iter().map(|p| p.meta.seq).collect();
+        assert_eq!(left, vec![2]);
+        assert!(w.is_empty());
+        assert!(w.answer(2).is_none());
+    }
+
+    #[test]
+    fn predictions_convert_with_cost() {
+        let p = prediction_from_proto(Prediction {
+            seq: 4,
+            task_version: 3,
+            top_index: 1,
+            top_name: "Trouser".into(),
+            scores: vec![spotlight_proto::v1::CategoryScore {
+                index: 1,
+                name: "Trouser".into(),
+                score: 0.9,
+                logit: 2.0,
+            }],
+            cost: Some(spotlight_proto::v1::Cost {
+                segments_run: vec!["bottoms".into()],
+                cloud_macs: 10,
+                cloud_macs_saved: 20,
+            }),
+        });
+        assert_eq!(p.task_version, 3);
+        assert_eq!(p.cloud_macs, 10);
+        assert_eq!(p.top_score(), 0.9);
+        assert!(p.is_relevant(1) && !p.is_relevant(0));
+    }
+}

@@ -1,0 +1,209 @@
+//! A branch worker: hosts a subset of the top-level branches (each with its nested
+//! segments), registers them with the coordinator under a lease, and runs exactly the
+//! segments each request asks for, feeding each its gain.
+
+mod engine;
+mod registration;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use spotlight_model::Model;
+use spotlight_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+pub use engine::{Engine, EngineError};
+
+/// Worker settings (`configs/worker.toml` documents every key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Stable id, shown by the coordinator (e.g. the pod name).
+    pub worker_id: String,
+    /// Address the Branches gRPC service binds.
+    pub listen: SocketAddr,
+    /// Address the coordinator should call; default `http://<listen>`.
+    pub advertise: Option<String>,
+    /// Coordinator gRPC endpoint to register with.
+    pub coordinator: String,
+    /// Top-level segment ids hosted, each with its nested segments; empty = all.
+    pub branches: Vec<String>,
+    /// Requests run at once (each on a blocking thread).
+    pub max_concurrent: usize,
+    /// ONNX Runtime intra-op threads per segment session.
+    pub intra_threads: usize,
+    /// Heartbeat period; keep well under the coordinator's lease TTL.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: "worker-0".into(),
+            listen: ([0, 0, 0, 0], 7001).into(),
+            advertise: None,
+            coordinator: "http://127.0.0.1:7000".into(),
+            branches: Vec::new(),
+            max_concurrent: 2,
+            intra_threads: 1,
+            heartbeat_ms: 2000,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Checks values that deserialisation cannot, against the model.
+    pub fn validate(&self, model: &Model) -> Result<(), String> {
+        for b in &self.branches {
+            match model.segment_index(b) {
+                Some(i) if model.segments()[i].parent.is_none() => {}
+                Some(_) => {
+                    return Err(format!(
+                        "branch \"{b}\" is not a top-level segment; list top-level ids only"
+                    ));
+                }
+                None => {
+                    let roots: Vec<_> = model
+                        .segments()
+                        .iter()
+                        .filter(|s| s.parent.is_none())
+                        .map(|s| s.id.as_str())
+                        .collect();
+                    return Err(format!(
+                        "unknown branch \"{b}\"; top-level segments: {}",
+                        roots.join(", ")
+                    ));
+                }
+            }
+        }
+        if self.max_concurrent == 0 || self.intra_threads == 0 {
+            return Err("max_concurrent and intra_threads must be > 0".into());
+        }
+        if self.heartbeat_ms == 0 {
+            return Err("heartbeat_ms must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Startup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid worker config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("registration failed: {0}")]
+    Registration(String),
+}
+
+struct BranchesService {
+    engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl pb::branches_server::Branches for BranchesService {
+    async fn run(
+        &self,
+        request: Request<pb::RunRequest>,
+    ) -> Result<Response<pb::RunResponse>, Status> {
+        let response = self
+            .engine
+            .run(request.into_inner())
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(response))
+    }
+
+    async fn stats(
+        &self,
+        _: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        Ok(Response::new(self.engine.stats()))
+    }
+}
+
+/// Loads the hosted segments, serves Branches, registers with the coordinator and keeps the
+/// lease until `shutdown` resolves; then deregisters and drains.
+pub async fn run(
+    config: WorkerConfig,
+    model: Arc<Model>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    config.validate(&model).map_err(WorkerError::Config)?;
+    let engine = Engine::load(
+        model.clone(),
+        &config.branches,
+        config.max_concurrent,
+        config.intra_threads,
+    )
+    .await?;
+    let engine = Arc::new(engine.with_worker_id(config.worker_id.clone()));
+    let local = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    tracing::info!(worker_id = config.worker_id, %local, advertise, segments = ?engine.segment_ids(), "worker serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::branches_server::BranchesServer<BranchesService>>()
+        .await;
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(
+            pb::branches_server::BranchesServer::new(BranchesService {
+                engine: engine.clone(),
+            })
+            .max_decoding_message_size(16 << 20),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
+    let server = tokio::spawn(server);
+
+    let registration = registration::Registration {
+        coordinator: config.coordinator.clone(),
+        worker_id: config.worker_id.clone(),
+        endpoint: advertise,
+        segments: engine.segment_ids(),
+        model_hash: model.hash().to_string(),
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
+    };
+    let registered = registration.keep(stopped()).await;
+    // A refused registration (e.g. another model) stops the server too.
+    let _ = stop_tx.send(true);
+    let served = server
+        .await
+        .map_err(|e| WorkerError::Registration(e.to_string()))?;
+    tracing::info!(worker_id = config.worker_id, "worker stopped");
+    registered?;
+    served?;
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Register with the coordinator, keep the lease, deregister on the way out.
+
+use std::future::Future;
+use std::time::Duration;
+
+use spotlight_proto::v1 as pb;
+use spotlight_proto::v1::registry_client::RegistryClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::WorkerError;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub(crate) struct Registration {
+    pub coordinator: String,
+    pub worker_id: String,
+    pub endpoint: String,
+    pub segments: Vec<String>,
+    pub model_hash: String,
+    pub heartbeat: Duration,
+}
+
+impl Registration {
+    /// Registers (retrying with backoff while the coordinator is unreachable), heartbeats,
+    /// re-registers if the lease is lost, and deregisters when `stop` resolves. A refusal
+    /// (other model, unknown segment) is final.
+    pub(crate) async fn keep(self, stop: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        tokio::pin!(stop);
+        let channel = Endpoint::from_shared(self.coordinator.clone())
+            .map_err(|e| {
+                WorkerError::Registration(format!(
+                    "bad coordinator endpoint \"{}\": {e}",
+                    self.coordinator
+                ))
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let mut client = RegistryClient::new(channel);
+        let mut backoff = Duration::from_millis(100);
+        let mut lease: Option<u64> = None;
+        loop {
+            let wait = match lease {
+                None => match self.register(&mut client).await {
+                    Ok(id) => {
+                        lease = Some(id);
+                        backoff = Duration::from_millis(100);
+                        self.heartbeat
+                    }
+                    Err(status) if is_final(&status) => {
+                        return Err(WorkerError::Registration(format!(
+                            "coordinator {} refused worker \"{}\": {}",
+                            self.coordinator,
+                            self.worker_id,
+                            status.message()
+                        )));
+                    }
+                    Err(status) => {
+                        tracing::warn!(coordinator = self.coordinator, error = %status.message(), retry_in = ?backoff, "cannot register yet");
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        backoff / 2
+                    }
+                },
+                Some(id) => match client
+                    .heartbeat(pb::HeartbeatRequest { lease_id: id })
+                    .await
+                {
+                    Ok(_) => self.heartbeat,
+                    Err(status) => {
+                        tracing::warn!(lease_id = id, error = %status.message(), "heartbeat failed; registering again");
+                        if status.code() == tonic::Code::NotFound {
+                            lease = None;
+                            Duration::ZERO
+                        } else {
+                            self.heartbeat.min(Duration::from_millis(500))
+                        }
+                    }
+                },
+            };
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if let Some(id) = lease {
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                client.deregister(pb::DeregisterRequest { lease_id: id }),
+            )
+            .await
+            {
+                Ok(Ok(_)) => tracing::info!(lease_id = id, "deregistered"),
+                Ok(Err(status)) => {
+                    tracing::warn!(lease_id = id, error = %status.message(), "deregister failed")
+                }
+                Err(_) => tracing::warn!(lease_id = id, "deregister timed out"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn register(&self, client: &mut RegistryClient<Channel>) -> Result<u64, tonic::Status> {
+        let response = client
+            .register(pb::RegisterRequest {
+                worker_id: self.worker_id.clone(),
+                endpoint: self.endpoint.clone(),
+                segments: self.segments.clone(),
+                model_hash: self.model_hash.clone(),
+            })
+            .await?
+            .into_inner();
+        tracing::info!(
+            lease_id = response.lease_id,
+            ttl_ms = response.ttl_ms,
+            "registered with coordinator"
+        );
+        Ok(response.lease_id)
+    }
+}
+
+fn is_final(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+    )
+}
