@@ -8,6 +8,8 @@
 //! the reporter thread (JSON lines, tail, progress, [`Summary`]). Every input ends as
 //! exactly one record: a prediction or an explicit error.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod backbone;
 mod config;
 mod error;

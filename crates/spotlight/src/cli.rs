@@ -1,0 +1,221 @@
+//! Command line: clap owns the flags; each flag becomes a config override.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// spotlight: split inference for nested-feature networks. The edge runs the backbone, the
+/// cloud runs only the branches the current task needs.
+#[derive(Debug, Parser)]
+#[command(name = "spotlight", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML config file (see configs/); env `SPOTLIGHT_…` and flags override it.
+    #[arg(long, short = 'c', global = true, env = "SPOTLIGHT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Model package directory.
+    #[arg(long, global = true)]
+    pub model: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every role in one process on loopback: coordinator, a worker per branch, an edge
+    /// agent streaming the Fashion-MNIST test set, with a task switch half-way.
+    Up(UpArgs),
+    /// The edge agent: backbone on the device, frames to the coordinator.
+    Edge(EdgeArgs),
+    /// The coordinator: task, registry, routing, control API.
+    Coordinator(CoordinatorArgs),
+    /// A branch worker hosting some top-level branches.
+    Worker(WorkerArgs),
+    /// Read or change the task of a running coordinator.
+    Task(TaskArgs),
+    /// Show a model's segment tree and what a task keeps and excludes.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Frames to stream (default: the whole test set).
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Categories of the task switched to half-way (comma-separated); "none" = no switch.
+    #[arg(long)]
+    pub switch_to: Option<String>,
+    /// Keep serving after the stream ends, until Ctrl-C.
+    #[arg(long)]
+    pub serve: bool,
+    /// Coordinator gRPC address.
+    #[arg(long)]
+    pub grpc_listen: Option<String>,
+    /// Coordinator HTTP address.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// Feature codec: f32, f16 or int8.
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// Replicas per branch.
+    #[arg(long)]
+    pub replicas: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct EdgeArgs {
+    /// Coordinator gRPC endpoint, e.g. http://10.0.0.5:7000.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Fashion-MNIST style images file (idx3, .gz or plain).
+    #[arg(long, conflicts_with = "folder")]
+    pub idx_images: Option<PathBuf>,
+    /// Labels file matching --idx-images.
+    #[arg(long, requires = "idx_images")]
+    pub idx_labels: Option<PathBuf>,
+    /// A folder of PNG/JPEG images.
+    #[arg(long)]
+    pub folder: Option<PathBuf>,
+    /// Serve the local device API (POST /v1/classify) on this address.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Stop after this many inputs.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Feature codec: f32, f16 or int8.
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// JSON lines output: a path or - for stdout.
+    #[arg(long)]
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// gRPC address (Inference, Control, Registry, health, reflection).
+    #[arg(long)]
+    pub grpc_listen: Option<String>,
+    /// HTTP/JSON API address.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// File the task is persisted to.
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Coordinator gRPC endpoint to register with.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Address to serve Branches on.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address the coordinator should call (default http://<listen>).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Top-level branches hosted (comma-separated); default all.
+    #[arg(long)]
+    pub branches: Option<String>,
+    /// Worker id.
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// Coordinator gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:7000", global = true)]
+    pub coordinator: String,
+    #[command(subcommand)]
+    pub action: TaskAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskAction {
+    /// Print the current task.
+    Get,
+    /// Replace the task.
+    Set {
+        /// Relevant categories, comma-separated; empty = all.
+        #[arg(long, default_value = "")]
+        categories: String,
+        /// A top-down gain: NAME=GAIN with NAME a category or segment id (repeatable).
+        #[arg(long = "gain")]
+        gains: Vec<String>,
+    },
+    /// Print the task, then every change, until Ctrl-C.
+    Watch,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model package directory (default: the configured model).
+    pub dir: Option<PathBuf>,
+    /// Categories of a task to plan, comma-separated.
+    #[arg(long)]
+    pub categories: Option<String>,
+    /// A top-down gain: NAME=GAIN (repeatable).
+    #[arg(long = "gain")]
+    pub gains: Vec<String>,
+}
+
+/// Splits "a,b, c" into trimmed non-empty names.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Parses NAME=GAIN pairs.
+pub fn parse_gains(pairs: &[String]) -> Result<std::collections::BTreeMap<String, f32>, String> {
+    pairs
+        .iter()
+        .map(|p| {
+            let (k, v) = p
+                .rsplit_once('=')
+                .ok_or_else(|| format!("gain \"{p}\" must look like NAME=GAIN"))?;
+            let g: f32 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("gain \"{p}\": \"{v}\" is not a number"))?;
+            Ok((k.trim().to_string(), g))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn gains_parse_and_refuse_garbage() {
+        let g = parse_gains(&["footwear=2".into(), "T-shirt/top = 0.5".into()]).unwrap();
+        assert_eq!(g["footwear"], 2.0);
+        assert_eq!(g["T-shirt/top"], 0.5);
+        assert!(
+            parse_gains(&["footwear".into()])
+                .unwrap_err()
+                .contains("NAME=GAIN")
+        );
+        assert!(
+            parse_gains(&["a=b".into()])
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert_eq!(
+            split_list(" Sandal, Ankle boot ,,"),
+            vec!["Sandal", "Ankle boot"]
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! One role per process, for separate hosts.
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use super::{init_onnxruntime, load_model, shutdown_signal};
+use crate::cli::{CoordinatorArgs, EdgeArgs, WorkerArgs, split_list};
+use crate::settings::Settings;
+
+fn push(out: &mut Vec<(String, String)>, key: &str, value: Option<impl ToString>) {
+    if let Some(v) = value {
+        out.push((key.to_string(), v.to_string()));
+    }
+}
+
+pub fn edge_overrides(a: &EdgeArgs) -> Vec<(String, String)> {
+    let mut o = Vec::new();
+    push(&mut o, "edge.coordinator", a.coordinator.as_ref());
+    push(
+        &mut o,
+        "edge.source.idx.images",
+        a.idx_images.as_ref().map(|p| p.display().to_string()),
+    );
+    push(
+        &mut o,
+        "edge.source.idx.labels",
+        a.idx_labels.as_ref().map(|p| p.display().to_string()),
+    );
+    push(
+        &mut o,
+        "edge.source.folder.path",
+        a.folder.as_ref().map(|p| p.display().to_string()),
+    );
+    push(&mut o, "edge.listen", a.listen.as_ref());
+    push(&mut o, "edge.limit", a.limit);
+    push(&mut o, "edge.codec", a.codec.as_ref());
+    push(&mut o, "edge.output", a.output.as_ref());
+    o
+}
+
+pub fn coordinator_overrides(a: &CoordinatorArgs) -> Vec<(String, String)> {
+    let mut o = Vec::new();
+    push(&mut o, "coordinator.grpc_listen", a.grpc_listen.as_ref());
+    push(&mut o, "coordinator.http_listen", a.http_listen.as_ref());
+    push(
+        &mut o,
+        "coordinator.state_file",
+        a.state_file.as_ref().map(|p| p.display().to_string()),
+    );
+    o
+}
+
+pub fn worker_overrides(a: &WorkerArgs) -> Vec<(String, String)> {
+    let mut o = Vec::new();
+    push(&mut o, "worker.coordinator", a.coordinator.as_ref());
+    push(&mut o, "worker.listen", a.listen.as_ref());
+    push(&mut o, "worker.advertise", a.advertise.as_ref());
+    push(&mut o, "worker.worker_id", a.id.as_ref());
+    if let Some(b) = &a.branches {
+        // Lists go through the override as an array.
+        for (i, name) in split_list(b).iter().enumerate() {
+            o.push((format!("worker.branches[{i}]"), name.clone()));
+        }
+    }
+    o
+}
+
+pub async fn coordinator(settings: Settings) -> anyhow::Result<()> {
+    let model = load_model(&settings)?;
+    let c = settings.coordinator;
+    let grpc = TcpListener::bind(c.grpc_listen)
+        .await
+        .with_context(|| format!("binding gRPC {}", c.grpc_listen))?;
+    let http = TcpListener::bind(c.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP {}", c.http_listen))?;
+    spotlight_coordinator::run(
+        c,
+        model,
+        spotlight_coordinator::Listeners { grpc, http },
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn worker(settings: Settings) -> anyhow::Result<()> {
+    init_onnxruntime(&settings)?;
+    let model = load_model(&settings)?;
+    let w = settings.worker;
+    let listener = TcpListener::bind(w.listen)
+        .await
+        .with_context(|| format!("binding {}", w.listen))?;
+    spotlight_worker::run(w, model, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn edge(settings: Settings) -> anyhow::Result<()> {
+    init_onnxruntime(&settings)?;
+    let model = load_model(&settings)?;
+    let summary = spotlight_edge::run(settings.edge, model, shutdown_signal()).await?;
+    println!("{summary}");
+    Ok(())
+}

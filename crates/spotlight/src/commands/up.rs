@@ -1,0 +1,243 @@
+//! `spotlight up`: every role in one process on loopback with the shipped model.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use spotlight_edge::{RunOptions, SourceConfig};
+use spotlight_proto::v1 as pb;
+use spotlight_proto::v1::control_client::ControlClient;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::{init_onnxruntime, load_model, shutdown_signal};
+use crate::cli::{UpArgs, split_list};
+use crate::settings::Settings;
+
+/// The Fashion-MNIST test set as Debian's `dataset-fashion-mnist` installs it.
+const TEST_IMAGES: &str = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz";
+const TEST_LABELS: &str = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz";
+
+pub fn overrides(a: &UpArgs) -> Vec<(String, String)> {
+    let mut o = Vec::new();
+    let mut push = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            o.push((k.to_string(), v));
+        }
+    };
+    push("edge.limit", a.limit.map(|l| l.to_string()));
+    push("coordinator.grpc_listen", a.grpc_listen.clone());
+    push("coordinator.http_listen", a.http_listen.clone());
+    push("edge.codec", a.codec.clone());
+    push("up.replicas", a.replicas.map(|r| r.to_string()));
+    if a.serve {
+        push("up.serve", Some("true".into()));
+    }
+    o
+}
+
+fn loopback(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    addr
+}
+
+pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
+    init_onnxruntime(&settings)?;
+    let model = load_model(&settings)?;
+    let switch_to = match args.switch_to.as_deref() {
+        Some("none") | Some("") => Vec::new(),
+        Some(list) => split_list(list),
+        None => settings.up.switch_to.clone(),
+    };
+    // Refuse a bad switch before anything starts.
+    if !switch_to.is_empty() {
+        model
+            .plan(&spotlight_model::TaskSpec {
+                categories: switch_to.clone(),
+                gains: Default::default(),
+            })
+            .context("--switch-to")?;
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Coordinator.
+    let c = settings.coordinator.clone();
+    let grpc = TcpListener::bind(loopback(c.grpc_listen))
+        .await
+        .with_context(|| {
+            format!(
+                "binding {} (another spotlight running? try --grpc-listen 127.0.0.1:0)",
+                loopback(c.grpc_listen)
+            )
+        })?;
+    let http = TcpListener::bind(loopback(c.http_listen))
+        .await
+        .with_context(|| {
+            format!(
+                "binding {} (try --http-listen 127.0.0.1:0)",
+                loopback(c.http_listen)
+            )
+        })?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    let coordinator = tokio::spawn(spotlight_coordinator::run(
+        c,
+        model.clone(),
+        spotlight_coordinator::Listeners { grpc, http },
+        stopped(),
+    ));
+    let coordinator_url = format!("http://{grpc_addr}");
+
+    // A worker per top-level branch (× replicas).
+    let roots: Vec<String> = model
+        .segments()
+        .iter()
+        .filter(|s| s.parent.is_none())
+        .map(|s| s.id.clone())
+        .collect();
+    let mut workers = Vec::new();
+    for root in &roots {
+        for r in 0..settings.up.replicas {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let config = spotlight_worker::WorkerConfig {
+                worker_id: format!("{root}-{r}"),
+                coordinator: coordinator_url.clone(),
+                branches: vec![root.clone()],
+                advertise: None,
+                ..settings.worker.clone()
+            };
+            workers.push(tokio::spawn(spotlight_worker::run(
+                config,
+                model.clone(),
+                listener,
+                stopped(),
+            )));
+        }
+    }
+    let expected = roots.len() * settings.up.replicas;
+    let mut control = connect(&coordinator_url).await?;
+    wait_for_workers(&mut control, expected).await?;
+    eprintln!(
+        "spotlight up: model {} ({} categories, {} segments), coordinator grpc {grpc_addr} http {http_addr}, {expected} workers",
+        model.name(),
+        model.categories().len(),
+        model.segments().len()
+    );
+
+    // Edge agent.
+    let mut edge = settings.edge.clone();
+    edge.coordinator = coordinator_url.clone();
+    if edge.source == SourceConfig::None && !settings.up.serve {
+        edge.source = SourceConfig::Idx {
+            images: PathBuf::from(TEST_IMAGES),
+            labels: Some(PathBuf::from(TEST_LABELS)),
+        };
+    }
+    if edge.output.is_none() && edge.print_tail.is_none() {
+        edge.print_tail = Some(8);
+    }
+    let total = match &edge.source {
+        SourceConfig::Idx { images, .. } => {
+            let n = spotlight_edge::idx::read_images(images)
+                .with_context(|| format!("reading {} (run `make dataset`)", images.display()))?
+                .count as u64;
+            Some(edge.limit.map_or(n, |l| l.min(n)))
+        }
+        _ => edge.limit,
+    };
+
+    let (progress_tx, mut progress_rx) = watch::channel(0u64);
+    let switcher = {
+        let switch_to = switch_to.clone();
+        let at = total.map(|t| ((t as f64) * settings.up.switch_at).ceil() as u64);
+        let mut control = control.clone();
+        tokio::spawn(async move {
+            let (Some(at), false) = (at, switch_to.is_empty()) else {
+                return;
+            };
+            if progress_rx.wait_for(|&n| n >= at).await.is_err() {
+                return;
+            }
+            let request = pb::SetTaskRequest {
+                categories: switch_to.clone(),
+                gains: Default::default(),
+            };
+            match control.set_task(request).await {
+                Ok(t) => eprintln!(
+                    "spotlight up: after {at} frames, task switched to version {}: categories {:?}",
+                    t.get_ref().version,
+                    switch_to
+                ),
+                Err(e) => eprintln!("spotlight up: task switch failed: {}", e.message()),
+            }
+        })
+    };
+
+    let run_edge = edge.source != SourceConfig::None || edge.listen.is_some();
+    if run_edge {
+        let options = RunOptions {
+            progress: Some(progress_tx),
+            ..RunOptions::default()
+        };
+        let summary =
+            spotlight_edge::run_with(edge, model.clone(), options, shutdown_signal()).await?;
+        println!("{summary}");
+    }
+    switcher.abort();
+
+    if settings.up.serve {
+        eprintln!(
+            "spotlight up: serving until Ctrl-C — try `curl -s http://{http_addr}/v1/task` or `spotlight task get --coordinator {coordinator_url}`"
+        );
+        shutdown_signal().await;
+    }
+    let _ = stop_tx.send(true);
+    for w in workers {
+        w.await.context("worker task")??;
+    }
+    coordinator.await.context("coordinator task")??;
+    Ok(())
+}
+
+async fn connect(url: &str) -> anyhow::Result<ControlClient<tonic::transport::Channel>> {
+    for _ in 0..100 {
+        if let Ok(c) = ControlClient::connect(url.to_string()).await {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("coordinator at {url} did not come up within 5 s")
+}
+
+async fn wait_for_workers(
+    control: &mut ControlClient<tonic::transport::Channel>,
+    n: usize,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let live = control
+            .list_workers(pb::ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .workers
+            .len();
+        if live >= n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "only {live} of {n} workers registered within 30 s (see the log with RUST_LOG=info)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
