@@ -232,3 +232,27 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod reference_configs {
+    use super::*;
+
+    /// The reference files in configs/ must stay loadable: a renamed key fails here.
+    #[test]
+    fn every_reference_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let sources = Sources {
+                    file: Some(path.clone()),
+                    ..Sources::default()
+                };
+                Settings::load(&sources).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert_eq!(n, 4, "coordinator, worker, edge, up");
+    }
+}
