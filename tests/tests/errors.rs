@@ -6,7 +6,6 @@ use spotlight_codec::Codec;
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::cloud_message::Kind;
 use spotlight_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_category_is_invalid_argument_listing_valid_names() {
@@ -320,26 +319,4 @@ async fn worker_leaving_is_noticed_and_replicas_share_the_load() {
         .await;
     assert!(answers.values().all(|k| matches!(k, Kind::Prediction(_))));
     sandbox.stop().await;
-}
-
-/// Minimal HTTP/1.1 client: returns (status, body).
-async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }

@@ -1,0 +1,99 @@
+//! The operator-facing surface: gRPC health, HTTP endpoints, long-poll watch.
+
+use std::time::Duration;
+
+use spotlight_tests::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_listings() {
+    let sandbox = SandboxBuilder::new()
+        .worker("tops", &["tops"])
+        .start()
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sandbox.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    for service in [
+        "spotlight.v1.Inference",
+        "spotlight.v1.Control",
+        "spotlight.v1.Registry",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("check")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+    }
+
+    let (status, body) = http(sandbox.http, "GET", "/livez", "").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // Only tops is hosted: not ready, and the message says what is missing.
+    let (status, body) = http(sandbox.http, "GET", "/readyz", "").await;
+    assert_eq!(status, 503);
+    assert_eq!(body, "no live worker for segments: footwear, other\n");
+    let w = sandbox
+        .start_worker(
+            "rest",
+            &["footwear".into(), "other".into()],
+            sandbox.model.clone(),
+        )
+        .await;
+    sandbox.wait_for_workers(2).await;
+    let (status, _) = http(sandbox.http, "GET", "/readyz", "").await;
+    assert_eq!(status, 200);
+
+    let (_, body) = http(sandbox.http, "GET", "/v1/workers", "").await;
+    let workers: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let mut ids: Vec<&str> = workers["workers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|w| w["worker_id"].as_str().expect("id"))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["rest", "tops"]);
+
+    let (_, body) = http(sandbox.http, "GET", "/v1/model", "").await;
+    let model: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(model["content_hash"], sandbox.model.hash());
+    assert_eq!(
+        model["segments"].as_array().expect("segments").len(),
+        sandbox.model.segments().len()
+    );
+    w.stop().await;
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_watch_long_polls_until_the_task_changes() {
+    let sandbox = SandboxBuilder::new().start().await;
+    let addr = sandbox.http;
+    let watcher =
+        tokio::spawn(async move { http(addr, "GET", "/v1/task/watch?after=1", "").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!watcher.is_finished(), "watch must wait for a change");
+    let (status, _) = http(addr, "PUT", "/v1/task", r#"{"gains": {"footwear": 1.5}}"#).await;
+    assert_eq!(status, 200);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("watch returns")
+        .expect("join");
+    assert_eq!(status, 200);
+    let task: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(task["version"], 2);
+    assert_eq!(task["gains"]["footwear"], 1.5);
+    // Bad JSON is a 400 that shows the expected shape.
+    let (status, body) = http(addr, "PUT", "/v1/task", "{categories").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("task must be JSON like"), "{body}");
+    sandbox.stop().await;
+}
