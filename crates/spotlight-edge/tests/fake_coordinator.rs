@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use spotlight_edge::{EdgeConfig, EdgeError, ReconnectConfig, RunOptions, SourceConfig};
 use spotlight_model::Model;
@@ -170,7 +169,7 @@ async fn broken_stream_is_resumed_and_every_frame_reported_once() {
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let url = start(Fake {
         hash: model.hash().to_string(),
-        break_after: Some(40),
+        break_after: Some(10),
         streams: AtomicUsize::new(0),
         seen: seen.clone(),
     })
@@ -337,4 +336,52 @@ async fn local_api_classifies_images_and_rejects_garbage() {
         (summary.frames, summary.predictions, summary.errors),
         (2, 1, 1)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folder_labels_come_from_directories_and_bad_files_become_error_lines() {
+    let Some(model) = model() else { return };
+    let url = start(Fake {
+        hash: model.hash().to_string(),
+        break_after: None,
+        streams: AtomicUsize::new(0),
+        seen: Arc::default(),
+    })
+    .await;
+    let dir = temp("folder");
+    std::fs::create_dir_all(dir.join("Trouser")).unwrap();
+    std::fs::create_dir_all(dir.join("unsorted")).unwrap();
+    let img = image::RgbImage::from_pixel(64, 48, image::Rgb([10, 200, 30]));
+    img.save(dir.join("Trouser/a.png")).unwrap();
+    img.save(dir.join("unsorted/b.jpg")).unwrap();
+    std::fs::write(dir.join("Trouser/broken.png"), b"not a png").unwrap();
+    std::fs::write(dir.join("notes.txt"), b"ignored").unwrap();
+    let out = temp("folder.jsonl");
+    let cfg = EdgeConfig {
+        source: SourceConfig::Folder { path: dir.clone() },
+        limit: None,
+        ..config(url, 1, &out)
+    };
+    let summary = spotlight_edge::run(cfg, model, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.frames, summary.predictions, summary.errors),
+        (3, 2, 1)
+    );
+    let records = lines(&out);
+    let by_item = |suffix: &str| {
+        records
+            .iter()
+            .find(|r| r["item"].as_str().unwrap().ends_with(suffix))
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_item("a.png")["label"], "Trouser");
+    assert!(by_item("b.jpg").get("label").is_none());
+    let broken = by_item("broken.png");
+    assert_eq!(broken["error"]["code"], 3);
+    assert_eq!(broken["label"], "Trouser");
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_file(out).unwrap();
 }
