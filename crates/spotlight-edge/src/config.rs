@@ -39,6 +39,9 @@ pub struct EdgeConfig {
     pub listen: Option<SocketAddr>,
     /// After shutdown is requested, how long to wait for in-flight answers.
     pub drain_timeout_ms: u64,
+    /// With frames in flight and no answer for this long, the stream is treated as broken:
+    /// reconnect and re-send the unanswered frames.
+    pub answer_timeout_ms: u64,
 }
 
 impl Default for EdgeConfig {
@@ -57,6 +60,7 @@ impl Default for EdgeConfig {
             reconnect: ReconnectConfig::default(),
             listen: None,
             drain_timeout_ms: 5_000,
+            answer_timeout_ms: 30_000,
         }
     }
 }
@@ -154,6 +158,9 @@ impl EdgeConfig {
                 "reconnect backoff must satisfy 0 < initial_backoff_ms <= max_backoff_ms, got {} and {}",
                 r.initial_backoff_ms, r.max_backoff_ms
             ));
+        }
+        if self.answer_timeout_ms == 0 {
+            return bad("answer_timeout_ms must be at least 1, got 0".into());
         }
         if r.max_attempts == 0 {
             return bad("reconnect.max_attempts must be at least 1, got 0".into());

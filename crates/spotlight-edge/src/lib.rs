@@ -218,6 +218,8 @@ async fn run_validated(
         config.max_in_flight,
         stop.clone(),
     );
+    let mut driver = driver;
+    driver.answer_timeout = Duration::from_millis(config.answer_timeout_ms);
     let mut driver = tokio::spawn(driver.run().in_current_span());
     let shutdown = std::pin::pin!(shutdown);
     let result = tokio::select! {

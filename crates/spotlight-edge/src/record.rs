@@ -106,8 +106,14 @@ impl Record {
                 v["score"] = f64::from(p.top_score()).into();
                 v["task_version"] = p.task_version.into();
                 v["cloud_macs"] = p.cloud_macs.into();
+                // Correctness is only defined when the label is among the task's categories.
                 if let Some((index, _)) = &self.label {
-                    v["correct"] = (p.top_index as usize == *index).into();
+                    let relevant = p.scores.iter().any(|s| s.index as usize == *index);
+                    v["correct"] = if relevant {
+                        (p.top_index as usize == *index).into()
+                    } else {
+                        serde_json::Value::Null
+                    };
                 }
             }
             Err(f) => v["error"] = serde_json::json!({ "code": f.code, "message": f.message }),
@@ -253,6 +259,9 @@ mod tests {
         assert_eq!(v["correct"], false);
         assert_eq!(v["bytes"], 392);
         assert_eq!(v["label"], "Dress");
+        // A label outside the task's categories has no correctness.
+        r.label = Some((5, "Sandal".into()));
+        assert_eq!(r.to_json()["correct"], serde_json::Value::Null);
         r.outcome = Err(FrameFailure::new(14, "no worker"));
         let v = r.to_json();
         assert_eq!(v["error"]["code"], 14);

@@ -164,6 +164,7 @@ enum Event {
     Job(Option<Job>),
     Stop,
     Deadline,
+    Stalled,
 }
 
 /// Everything the stream driver needs.
@@ -179,6 +180,9 @@ pub(crate) struct StreamDriver {
     /// Set to true on shutdown (external) or by the driver itself on fatal errors.
     pub stop: Arc<watch::Sender<bool>>,
     pub stop_rx: watch::Receiver<bool>,
+    /// Frames waiting longer than this with no answer at all mean a stuck stream:
+    /// reconnect and re-send.
+    pub answer_timeout: Duration,
     input_open: bool,
     deadline: Option<tokio::time::Instant>,
 }
@@ -208,6 +212,7 @@ impl StreamDriver {
             window: Window::new(max_in_flight),
             stop,
             stop_rx,
+            answer_timeout: Duration::from_secs(30),
             input_open: true,
             deadline: None,
         }
@@ -389,20 +394,36 @@ impl StreamDriver {
         tx: mpsc::Sender<EdgeMessage>,
         mut inbound: tonic::codec::Streaming<CloudMessage>,
     ) -> SessionEnd {
+        // Last time the stream made progress (an answer came, or the window was empty).
+        let mut progress = tokio::time::Instant::now();
         loop {
             if !self.input_open && self.window.is_empty() {
                 return SessionEnd::Done;
+            }
+            if self.window.is_empty() {
+                progress = tokio::time::Instant::now();
             }
             let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
             let take_jobs = self.input_open && self.window.has_room();
             let event = tokio::select! {
                 m = inbound.next() => Event::Inbound(m),
+                _ = tokio::time::sleep_until(progress + self.answer_timeout), if !self.window.is_empty() => Event::Stalled,
                 j = self.jobs.recv(), if take_jobs => Event::Job(j),
                 _ = stopped(&mut self.stop_rx), if self.deadline.is_none() => Event::Stop,
                 _ = tokio::time::sleep_until(deadline), if self.deadline.is_some() => Event::Deadline,
             };
             match event {
-                Event::Inbound(Some(Ok(msg))) => self.on_message(msg),
+                Event::Inbound(Some(Ok(msg))) => {
+                    progress = tokio::time::Instant::now();
+                    self.on_message(msg)
+                }
+                Event::Stalled => {
+                    return SessionEnd::Broken(format!(
+                        "{} frames unanswered for {} ms",
+                        self.window.len(),
+                        self.answer_timeout.as_millis()
+                    ));
+                }
                 Event::Inbound(Some(Err(status))) => {
                     return match self.classify(status) {
                         OpenError::Fatal(e) => SessionEnd::Fatal(e),
