@@ -1,6 +1,9 @@
 //! The roles as separate processes, as on separate hosts: coordinator, two workers, an edge,
 //! and the task CLI, all on loopback with ports chosen by the OS.
 
+// Test helpers may panic; `Proc` waits for its child on drop.
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
