@@ -95,6 +95,30 @@ pub fn frame(model: &Model, seq: u64, features: &[f32], codec: Codec) -> pb::Edg
     }
 }
 
+/// One frame per feature vector, numbered from 0.
+pub fn frames(model: &Model, features: &[Vec<f32>], codec: Codec) -> Vec<pb::EdgeMessage> {
+    features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| frame(model, i as u64, f, codec))
+        .collect()
+}
+
+/// Asserts that an answer is a per-frame error with `code` whose message contains `text`.
+pub fn assert_frame_error(answer: &pb::cloud_message::Kind, code: tonic::Code, text: &str) {
+    match answer {
+        pb::cloud_message::Kind::Error(e) => {
+            assert_eq!(e.code, code as i32, "{}", e.message);
+            assert!(
+                e.message.contains(text),
+                "\"{}\" does not contain \"{text}\"",
+                e.message
+            );
+        }
+        other => panic!("expected a {code:?} error, got {other:?}"),
+    }
+}
+
 /// The hello for `model`.
 pub fn hello(hash: &str) -> pb::EdgeMessage {
     pb::EdgeMessage {

@@ -151,31 +151,16 @@ async fn wrong_shape_is_a_per_frame_error_and_the_stream_goes_on() {
         ])
         .await;
     assert!(matches!(answers[&0], Kind::Prediction(_)));
-    match &answers[&1] {
-        Kind::Error(e) => {
-            assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
-            assert!(
-                e.message.contains(
-                    "shape [1, 8, 7, 8]; model fashion-mnist-nested expects [1, 8, 7, 7]"
-                ),
-                "{}",
-                e.message
-            );
-        }
-        other => panic!("expected an error, got {other:?}"),
-    }
-    match &answers[&2] {
-        Kind::Error(e) => {
-            assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
-            assert!(
-                e.message
-                    .contains("has 10 bytes; F16 of 392 values needs 784"),
-                "{}",
-                e.message
-            );
-        }
-        other => panic!("expected an error, got {other:?}"),
-    }
+    assert_frame_error(
+        &answers[&1],
+        tonic::Code::InvalidArgument,
+        "shape [1, 8, 7, 8]; model fashion-mnist-nested expects [1, 8, 7, 7]",
+    );
+    assert_frame_error(
+        &answers[&2],
+        tonic::Code::InvalidArgument,
+        "has 10 bytes; F16 of 392 values needs 784",
+    );
     sandbox.stop().await;
 }
 
@@ -191,30 +176,15 @@ async fn no_live_worker_is_unavailable_within_the_deadline_for_every_frame() {
     let (images, _) = test_images(30);
     let feats = features(&model, &images);
     let started = Instant::now();
-    let answers = sandbox
-        .classify(
-            feats
-                .iter()
-                .enumerate()
-                .map(|(i, f)| frame(&model, i as u64, f, Codec::Int8))
-                .collect(),
-        )
-        .await;
+    let answers = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
     let elapsed = started.elapsed();
     assert_eq!(answers.len(), 30, "every frame answered");
     for k in answers.values() {
-        match k {
-            Kind::Error(e) => {
-                assert_eq!(e.code, tonic::Code::Unavailable as i32);
-                assert!(
-                    e.message
-                        .contains("no live worker hosts segments [\"footwear\"]"),
-                    "{}",
-                    e.message
-                );
-            }
-            other => panic!("expected UNAVAILABLE, got {other:?}"),
-        }
+        assert_frame_error(
+            k,
+            tonic::Code::Unavailable,
+            "no live worker hosts segments [\"footwear\"]",
+        );
     }
     assert!(
         elapsed < Duration::from_secs(10),
@@ -230,15 +200,7 @@ async fn no_live_worker_is_unavailable_within_the_deadline_for_every_frame() {
         })
         .await
         .expect("set task");
-    let answers = sandbox
-        .classify(
-            feats
-                .iter()
-                .enumerate()
-                .map(|(i, f)| frame(&model, i as u64, f, Codec::Int8))
-                .collect(),
-        )
-        .await;
+    let answers = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
     assert!(answers.values().all(|k| matches!(k, Kind::Prediction(p) if p.cost.as_ref().is_some_and(|c| c.segments_run == ["tops", "tops.light", "tops.warm"]))));
     sandbox.stop().await;
 }
@@ -286,15 +248,7 @@ async fn worker_leaving_is_noticed_and_replicas_share_the_load() {
     let model = sandbox.model.clone();
     let (images, _) = test_images(60);
     let feats = features(&model, &images);
-    let answers = sandbox
-        .classify(
-            feats
-                .iter()
-                .enumerate()
-                .map(|(i, f)| frame(&model, i as u64, f, Codec::Int8))
-                .collect(),
-        )
-        .await;
+    let answers = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
     assert!(answers.values().all(|k| matches!(k, Kind::Prediction(_))));
     let (a, b) = (
         sandbox.workers[0].stats().await.requests,
@@ -308,15 +262,7 @@ async fn worker_leaving_is_noticed_and_replicas_share_the_load() {
     let gone = sandbox.workers.remove(1);
     gone.stop().await;
     sandbox.wait_for_workers(1).await;
-    let answers = sandbox
-        .classify(
-            feats
-                .iter()
-                .enumerate()
-                .map(|(i, f)| frame(&model, i as u64, f, Codec::Int8))
-                .collect(),
-        )
-        .await;
+    let answers = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
     assert!(answers.values().all(|k| matches!(k, Kind::Prediction(_))));
     sandbox.stop().await;
 }

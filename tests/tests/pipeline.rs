@@ -21,11 +21,7 @@ async fn split_pipeline_matches_full_model_on_1000_test_images() {
     let model = sandbox.model.clone();
     let (images, labels) = test_images(1000);
     let feats = features(&model, &images);
-    let frames = feats
-        .iter()
-        .enumerate()
-        .map(|(i, f)| frame(&model, i as u64, f, Codec::F32))
-        .collect();
+    let frames = frames(&model, &feats, Codec::F32);
     let answers = sandbox.classify(frames).await;
 
     let mut full = FullSession::open(&model, 2).expect("full.onnx");
@@ -90,11 +86,7 @@ async fn cutout_sends_frames_only_to_relevant_workers() {
 
     let (images, _) = test_images(40);
     let feats = features(&model, &images);
-    let frames = feats
-        .iter()
-        .enumerate()
-        .map(|(i, f)| frame(&model, i as u64, f, Codec::Int8))
-        .collect();
+    let frames = frames(&model, &feats, Codec::Int8);
     let answers = sandbox.classify(frames).await;
     let footwear_macs = model.segments()[model.segment_index("footwear").expect("footwear")].macs;
     for k in answers.values() {
