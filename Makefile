@@ -57,7 +57,7 @@ $(VENV)/.installed: python/requirements.txt
 
 # Retrain and re-export the shipped model package (see python/README.md).
 model: dataset venv
-	$(VENV)/bin/python -m spotlight_model all --out models/fashion-mnist-nested
+	PYTHONPATH=python $(VENV)/bin/python -m spotlight_model all --out models/fashion-mnist-nested
 
 lint:
 	$(CARGO) fmt --all -- --check
