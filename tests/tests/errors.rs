@@ -266,3 +266,27 @@ async fn worker_leaving_is_noticed_and_replicas_share_the_load() {
     assert!(answers.values().all(|k| matches!(k, Kind::Prediction(_))));
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_another_model_exits_with_the_refusal() {
+    let sandbox = SandboxBuilder::new().start().await;
+    let model = sandbox.model.clone();
+    let mut manifest = model.manifest().clone();
+    manifest.content_hash = "sha256:1111".into();
+    let other = std::sync::Arc::new(
+        spotlight_model::Model::from_manifest(model.dir().to_path_buf(), manifest).expect("model"),
+    );
+    let worker = sandbox.start_worker("stale", &[], other).await;
+    let result = tokio::time::timeout(Duration::from_secs(15), worker.join)
+        .await
+        .expect("worker exits")
+        .expect("join");
+    let err = result
+        .expect_err("registration must be refused")
+        .to_string();
+    assert!(
+        err.contains("refused worker \"stale\"") && err.contains("runs model sha256:1111"),
+        "{err}"
+    );
+    sandbox.stop().await;
+}
