@@ -20,9 +20,21 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=info cargo test -- --nocapture`).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    }
+}
+
 /// The shipped model, loaded once per test binary.
 pub fn model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    init_logs();
     MODEL
         .get_or_init(|| {
             spotlight_model::init_onnxruntime(None).expect("ONNX Runtime (run `make onnxruntime`)");
@@ -161,6 +173,7 @@ impl WorkerHandle {
 /// Coordinator + workers.
 pub struct Sandbox {
     pub model: Arc<Model>,
+    config: CoordinatorConfig,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub workers: Vec<WorkerHandle>,
@@ -247,7 +260,7 @@ impl Sandbox {
         );
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(spotlight_coordinator::run(
-            config,
+            config.clone(),
             model.clone(),
             Listeners { grpc, http },
             async {
@@ -256,6 +269,7 @@ impl Sandbox {
         ));
         Sandbox {
             model,
+            config,
             grpc: grpc_addr,
             http: http_addr,
             workers: Vec::new(),
@@ -368,6 +382,34 @@ impl Sandbox {
             }
         });
         collect(&mut inbound, n).await
+    }
+
+    /// Stops the coordinator gracefully and starts a new one on the same addresses; the
+    /// workers register again by themselves.
+    pub async fn restart_coordinator(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(j) = self.join.take() {
+            let r = tokio::time::timeout(Duration::from_secs(10), j).await;
+            assert!(
+                matches!(r, Ok(Ok(Ok(())))),
+                "coordinator did not stop cleanly: {r:?}"
+            );
+        }
+        let grpc = TcpListener::bind(self.grpc).await.expect("rebind gRPC");
+        let http = TcpListener::bind(self.http).await.expect("rebind HTTP");
+        let (tx, rx) = oneshot::channel::<()>();
+        let listeners = Listeners { grpc, http };
+        self.join = Some(tokio::spawn(spotlight_coordinator::run(
+            self.config.clone(),
+            self.model.clone(),
+            listeners,
+            async {
+                let _ = rx.await;
+            },
+        )));
+        self.stop = Some(tx);
     }
 
     /// Stops workers and coordinator.

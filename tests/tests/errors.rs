@@ -290,3 +290,44 @@ async fn a_worker_on_another_model_exits_with_the_refusal() {
     );
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_renewed_only_by_its_holder() {
+    let sandbox = SandboxBuilder::new().start().await;
+    let mut registry =
+        pb::registry_client::RegistryClient::connect(format!("http://{}", sandbox.grpc))
+            .await
+            .expect("connect");
+    let lease = registry
+        .register(pb::RegisterRequest {
+            worker_id: "a".into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            segments: vec!["footwear".into()],
+            model_hash: sandbox.model.hash().to_string(),
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .lease_id;
+    registry
+        .heartbeat(pb::HeartbeatRequest {
+            lease_id: lease,
+            worker_id: "a".into(),
+        })
+        .await
+        .expect("holder renews");
+    let err = registry
+        .heartbeat(pb::HeartbeatRequest {
+            lease_id: lease,
+            worker_id: "b".into(),
+        })
+        .await
+        .expect_err("another worker must not renew it");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("register again"),
+        "{}",
+        err.message()
+    );
+    sandbox.stop().await;
+}

@@ -85,7 +85,10 @@ struct WatchQuery {
 
 async fn watch_task(State(s): State<Arc<Shared>>, Query(q): Query<WatchQuery>) -> Json<Value> {
     let mut rx = s.task.subscribe();
-    let _ = tokio::time::timeout(WATCH_LIMIT, rx.wait_for(|t| t.version > q.after)).await;
+    tokio::select! {
+        _ = tokio::time::timeout(WATCH_LIMIT, rx.wait_for(|t| t.version > q.after)) => {}
+        _ = s.stopping() => {}
+    }
     Json(task_json(&s, &s.task.current()))
 }
 

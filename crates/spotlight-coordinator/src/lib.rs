@@ -88,10 +88,18 @@ pub(crate) struct Shared {
     pub(crate) task: task::TaskState,
     pub(crate) registry: Arc<registry::Registry>,
     pub(crate) router: router::Router,
+    /// Turns true when shutdown starts: long-lived streams end so the servers can drain.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Shared {
     /// Segment ids with no live worker.
+    /// Resolves once shutdown has started.
+    pub(crate) async fn stopping(&self) {
+        let mut rx = self.stopping.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
     pub(crate) fn uncovered_segments(&self) -> Vec<String> {
         let live = self.registry.live();
         (0..self.model.segments().len())
@@ -135,12 +143,18 @@ pub async fn run(
         worker_timeout: Duration::from_millis(config.worker_timeout_ms),
     };
     let router = router::Router::new(model.clone(), registry.clone(), limits);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let shared = Arc::new(Shared {
         config,
         model,
         task,
         registry: registry.clone(),
         router,
+        stopping: stop_rx.clone(),
     });
     tracing::info!(
         grpc = ?listeners.grpc.local_addr().ok(),
@@ -150,11 +164,6 @@ pub async fn run(
         "coordinator serving"
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {

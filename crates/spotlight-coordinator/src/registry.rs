@@ -71,10 +71,17 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(model: Arc<Model>, ttl: Duration) -> Self {
+        // Lease ids must not repeat across coordinator restarts: a worker still holding an
+        // old lease would otherwise renew a lease the new coordinator gave someone else.
+        let first_lease = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            .max(1);
         Self {
             model,
             ttl,
-            next_lease: AtomicU64::new(1),
+            next_lease: AtomicU64::new(first_lease),
             workers: Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
         }
@@ -159,12 +166,12 @@ impl Registry {
         Ok(lease_id)
     }
 
-    /// Renews a lease.
-    pub fn heartbeat(&self, lease_id: u64) -> Result<(), ApiError> {
+    /// Renews a lease held by `worker_id` (empty: any holder, for old clients).
+    pub fn heartbeat(&self, lease_id: u64, worker_id: &str) -> Result<(), ApiError> {
         let now = Instant::now();
         let workers = self.lock();
         match workers.get(&lease_id) {
-            Some(w) if w.alive(now) => {
+            Some(w) if w.alive(now) && (worker_id.is_empty() || w.worker_id == worker_id) => {
                 if let Ok(mut e) = w.expires.lock() {
                     *e = now + self.ttl;
                 }

@@ -61,7 +61,10 @@ impl Registration {
                     }
                 },
                 Some(id) => match client
-                    .heartbeat(pb::HeartbeatRequest { lease_id: id })
+                    .heartbeat(pb::HeartbeatRequest {
+                        lease_id: id,
+                        worker_id: self.worker_id.clone(),
+                    })
                     .await
                 {
                     Ok(_) => self.heartbeat,

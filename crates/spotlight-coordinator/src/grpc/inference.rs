@@ -75,7 +75,16 @@ impl pb::inference_server::Inference for InferenceService {
                 let permits = Arc::new(Semaphore::new(limit));
                 let mut frames = 0u64;
                 loop {
-                    let msg = match inbound.message().await {
+                    let next = tokio::select! {
+                        m = inbound.message() => m,
+                        _ = shared.stopping() => {
+                            // Stop reading; frames already read are still answered, then the
+                            // stream ends and the edge re-sends the rest elsewhere.
+                            tracing::info!("shutting down: closing the stream after frames in flight");
+                            break;
+                        }
+                    };
+                    let msg = match next {
                         Ok(Some(m)) => m,
                         Ok(None) => break,
                         Err(status) => {

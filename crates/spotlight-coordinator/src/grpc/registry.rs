@@ -28,9 +28,8 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.shared
-            .registry
-            .heartbeat(request.into_inner().lease_id)?;
+        let r = request.into_inner();
+        self.shared.registry.heartbeat(r.lease_id, &r.worker_id)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 
