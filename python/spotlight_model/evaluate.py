@@ -359,7 +359,8 @@ def render_card(r: dict, m: dict, tree) -> str:
              f"Selected epoch (by validation accuracy): nested {nest.get('selected_epoch')} "
              f"(val {_pct(nest['val_acc']) if nest.get('val_acc') is not None else '-'})"
              + (f", baseline {base.get('selected_epoch')} (val {_pct(base['val_acc'])})" if base and base.get('val_acc') is not None else "")
-             + ". Wall time on 2 shared CPU cores: nested "
+             + ". Wall time on 2 CPU cores shared with Rust builds, the two models trained concurrently "
+             "(one process and one intra-op thread each): nested "
              f"{nest.get('train_seconds')} s" + (f", baseline {base.get('train_seconds')} s" if base else "") + ".\n")
 
     L.append("## Cutout: tasks that need only part of the tree\n")
@@ -425,8 +426,8 @@ def render_card(r: dict, m: dict, tree) -> str:
              f"(fp32: {_pct(b['fp32_accuracy'])}, difference {100 * (b['int8_accuracy'] - b['fp32_accuracy']):+.2f} pt).\n")
 
     L.append("## Reproduce\n")
-    L.append("```\n.venv/bin/python -m spotlight_model all --out models/" + m["name"] + "\n```\n"
-             "(run with `PYTHONPATH=python` from the repository root, or from `python/`; see python/README.md). "
+    L.append("```\nPYTHONPATH=python .venv/bin/python -m spotlight_model all --out models/" + m["name"] + "\n```\n"
+             "(from the repository root; see python/README.md). "
              f"ONNX composed (backbone + segments) vs full.onnx max abs logit difference on the test set: "
              f"{nest['composed_vs_full_max_abs_diff']:.2e}.\n")
     return "\n".join(L)
