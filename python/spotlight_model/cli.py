@@ -194,7 +194,7 @@ def main(argv=None) -> None:
 
     def train_opts(sp):
         sp.add_argument("--tree", default=None, help=f"category tree JSON (default <repo>/{DEFAULT_TREE})")
-        sp.add_argument("--epochs", type=int, default=10)
+        sp.add_argument("--epochs", type=int, default=15)
         sp.add_argument("--batch-size", type=int, default=128)
         sp.add_argument("--lr", type=float, default=3e-3)
         sp.add_argument("--weight-decay", type=float, default=5e-4)
