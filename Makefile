@@ -15,7 +15,7 @@ export ORT_DISABLE_TELEMETRY := 1
 
 demo: onnxruntime dataset
 	$(CARGO) build --release --bin spotlight
-	./target/release/spotlight up --demo
+	./target/release/spotlight up
 
 test: onnxruntime dataset venv
 	$(CARGO) test --workspace --all-targets
