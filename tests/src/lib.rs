@@ -178,7 +178,7 @@ pub struct Sandbox {
     pub http: SocketAddr,
     pub workers: Vec<WorkerHandle>,
     stop: Option<oneshot::Sender<()>>,
-    join: Option<tokio::task::JoinHandle<Result<(), spotlight_coordinator::CoordinatorError>>>,
+    join: Option<CoordinatorJoin>,
 }
 
 /// What to start.
@@ -258,15 +258,7 @@ impl Sandbox {
             grpc.local_addr().expect("addr"),
             http.local_addr().expect("addr"),
         );
-        let (tx, rx) = oneshot::channel::<()>();
-        let join = tokio::spawn(spotlight_coordinator::run(
-            config.clone(),
-            model.clone(),
-            Listeners { grpc, http },
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let (tx, join) = spawn_coordinator(config.clone(), model.clone(), Listeners { grpc, http });
         Sandbox {
             model,
             config,
@@ -387,6 +379,20 @@ impl Sandbox {
     /// Stops the coordinator gracefully and starts a new one on the same addresses; the
     /// workers register again by themselves.
     pub async fn restart_coordinator(&mut self) {
+        self.stop_coordinator().await;
+        let grpc = TcpListener::bind(self.grpc).await.expect("rebind gRPC");
+        let http = TcpListener::bind(self.http).await.expect("rebind HTTP");
+        let (tx, join) = spawn_coordinator(
+            self.config.clone(),
+            self.model.clone(),
+            Listeners { grpc, http },
+        );
+        self.stop = Some(tx);
+        self.join = Some(join);
+    }
+
+    /// Stops the coordinator gracefully; panics if it does not stop cleanly within 10 s.
+    async fn stop_coordinator(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -397,19 +403,6 @@ impl Sandbox {
                 "coordinator did not stop cleanly: {r:?}"
             );
         }
-        let grpc = TcpListener::bind(self.grpc).await.expect("rebind gRPC");
-        let http = TcpListener::bind(self.http).await.expect("rebind HTTP");
-        let (tx, rx) = oneshot::channel::<()>();
-        let listeners = Listeners { grpc, http };
-        self.join = Some(tokio::spawn(spotlight_coordinator::run(
-            self.config.clone(),
-            self.model.clone(),
-            listeners,
-            async {
-                let _ = rx.await;
-            },
-        )));
-        self.stop = Some(tx);
     }
 
     /// Stops workers and coordinator.
@@ -417,17 +410,28 @@ impl Sandbox {
         for w in std::mem::take(&mut self.workers) {
             w.stop().await;
         }
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(j) = self.join.take() {
-            let r = tokio::time::timeout(Duration::from_secs(10), j).await;
-            assert!(
-                matches!(r, Ok(Ok(Ok(())))),
-                "coordinator did not stop cleanly: {r:?}"
-            );
-        }
+        self.stop_coordinator().await;
     }
+}
+
+type CoordinatorJoin = tokio::task::JoinHandle<Result<(), spotlight_coordinator::CoordinatorError>>;
+
+/// Runs a coordinator on `listeners` until the returned sender fires (or is dropped).
+fn spawn_coordinator(
+    config: CoordinatorConfig,
+    model: Arc<Model>,
+    listeners: Listeners,
+) -> (oneshot::Sender<()>, CoordinatorJoin) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let join = tokio::spawn(spotlight_coordinator::run(
+        config,
+        model,
+        listeners,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    (tx, join)
 }
 
 /// Reads `n` answers keyed by seq; panics on a duplicate or after 60 s.
