@@ -194,7 +194,7 @@ def main(argv=None) -> None:
 
     def train_opts(sp):
         sp.add_argument("--tree", default=None, help=f"category tree JSON (default <repo>/{DEFAULT_TREE})")
-        sp.add_argument("--epochs", type=int, default=15)
+        sp.add_argument("--epochs", type=int, default=25)
         sp.add_argument("--batch-size", type=int, default=128)
         sp.add_argument("--lr", type=float, default=3e-3)
         sp.add_argument("--weight-decay", type=float, default=5e-4)
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
         sp.add_argument("--val-size", type=int, default=5000)
         sp.add_argument("--limit", type=int, default=0, help="train on the first N training images only (smoke)")
         sp.add_argument("--bottleneck", type=int, default=8)
-        sp.add_argument("--baseline-channels", default="80,112,112")
+        sp.add_argument("--baseline-channels", default="96,128,144")
         sp.add_argument("--models", default="nested,baseline", help="which models to train")
         sp.add_argument("--no-parallel", dest="parallel", action="store_false",
                         help="train the models one after the other (default: in parallel processes)")

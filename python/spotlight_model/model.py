@@ -136,7 +136,7 @@ class Baseline(nn.Module):
     """Same backbone + conventional head (conv-BN-ReLU stack, GAP, Linear with bias)."""
 
     def __init__(self, num_classes: int, in_channels: int = 1, bottleneck: int = 8,
-                 channels=(80, 112, 112), backbone_widths=(32, 64, 64)):
+                 channels=(96, 128, 144), backbone_widths=(32, 64, 64)):
         super().__init__()
         self.backbone = Backbone(in_channels, backbone_widths, bottleneck)
         layers: list[nn.Module] = []

