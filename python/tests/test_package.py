@@ -176,3 +176,30 @@ def test_other_tree_and_rgb(tmp_path):
         ref = model(torch.from_numpy(x), torch.from_numpy(g)).numpy()
     assert np.abs(runner.run_full(x, g) - ref).max() <= 1e-5
     assert np.abs(runner.composed_logits(x, g) - ref).max() <= 1e-5
+
+
+def test_training_is_reproducible():
+    """Same seed and data -> bit-identical weights (what makes `make model` re-runnable);
+    a different seed gives different weights, so the comparison can fail. The returned
+    model is back in the default memory format, as export expects."""
+    from spotlight_model.model import NestedNet
+    from spotlight_model.train import fit
+    tree = parse_tree({"name": "toy", "categories": ["a", "b", "c"],
+                       "tree": [{"id": "x", "channels": [6], "children": [
+                           {"id": "y", "channels": [4], "children": ["a", "b"]}]},
+                           {"id": "w", "channels": [5], "children": ["c"]}]})
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(size=(96, 1, 12, 12)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 3, size=96))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        model = NestedNet(tree, in_channels=1, bottleneck=4, backbone_widths=(4, 6, 6))
+        state, _ = fit(model, x[:64], y[:64], x[64:], y[64:], mean=[0.5], std=[0.25], epochs=2,
+                       batch_size=16, seed=seed, log=lambda *_: None)
+        assert all(p.is_contiguous() for p in model.parameters())
+        return state
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
