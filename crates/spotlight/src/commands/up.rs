@@ -62,13 +62,9 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
             .context("--switch-to")?;
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    // Workers stop before the coordinator, so that they can still deregister with it.
+    let (stop_coordinator, coordinator_stop) = watch::channel(false);
+    let (stop_workers, workers_stop) = watch::channel(false);
 
     // Coordinator.
     let c = settings.coordinator.clone();
@@ -93,7 +89,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         c,
         model.clone(),
         spotlight_coordinator::Listeners { grpc, http },
-        stopped(),
+        stopped(&coordinator_stop),
     ));
     let coordinator_url = format!("http://{grpc_addr}");
 
@@ -119,7 +115,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
                 config,
                 model.clone(),
                 listener,
-                stopped(),
+                stopped(&workers_stop),
             )));
         }
     }
@@ -200,12 +196,21 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         );
         shutdown_signal().await;
     }
-    let _ = stop_tx.send(true);
+    let _ = stop_workers.send(true);
     for w in workers {
         w.await.context("worker task")??;
     }
+    let _ = stop_coordinator.send(true);
     coordinator.await.context("coordinator task")??;
     Ok(())
+}
+
+/// Resolves once `true` is sent on the channel (or its sender is gone).
+fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
 }
 
 async fn connect(url: &str) -> anyhow::Result<ControlClient<tonic::transport::Channel>> {
