@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .data import ENV_DIR, channel_stats, load_dataset, split_train_val, to_nchw_float
-from .model import Baseline, NestedNet, baseline_costs, count_params
+from .model import BASELINE_CHANNELS, Baseline, NestedNet, baseline_costs, count_params
 from .train import accuracy, fit, seed_all
 from .tree import load_tree, parse_tree
 
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
         sp.add_argument("--val-size", type=int, default=5000)
         sp.add_argument("--limit", type=int, default=0, help="train on the first N training images only (smoke)")
         sp.add_argument("--bottleneck", type=int, default=8)
-        sp.add_argument("--baseline-channels", default="96,128,144")
+        sp.add_argument("--baseline-channels", default=",".join(map(str, BASELINE_CHANNELS)))
         sp.add_argument("--models", default="nested,baseline", help="which models to train")
         sp.add_argument("--no-parallel", dest="parallel", action="store_false",
                         help="train the models one after the other (default: in parallel processes)")

@@ -361,8 +361,8 @@ def render_card(r: dict, m: dict, tree) -> str:
              f"(val {_pct(nest['val_acc']) if nest.get('val_acc') is not None else '-'})"
              + (f", baseline {base.get('selected_epoch')} (val {_pct(base['val_acc'])})" if base and base.get('val_acc') is not None else "")
              + f". Training wall time on the machine that ran this evaluation ({os.cpu_count()} CPU cores; "
-             "`all` and `train` run the two models concurrently, one process and one intra-op thread "
-             "each): nested "
+             "by default `all` and `train` run the two models concurrently, one process and one "
+             "intra-op thread each): nested "
              f"{nest.get('train_seconds')} s" + (f", baseline {base.get('train_seconds')} s" if base else "") + ".\n")
 
     L.append("## Cutout: tasks that need only part of the tree\n")

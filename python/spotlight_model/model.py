@@ -132,11 +132,14 @@ def _key(sid: str) -> str:
     return sid.replace(".", "__")
 
 
+BASELINE_CHANNELS = (96, 128, 144)
+
+
 class Baseline(nn.Module):
     """Same backbone + conventional head (conv-BN-ReLU stack, GAP, Linear with bias)."""
 
     def __init__(self, num_classes: int, in_channels: int = 1, bottleneck: int = 8,
-                 channels=(96, 128, 144), backbone_widths=(32, 64, 64)):
+                 channels=BASELINE_CHANNELS, backbone_widths=(32, 64, 64)):
         super().__init__()
         self.backbone = Backbone(in_channels, backbone_widths, bottleneck)
         layers: list[nn.Module] = []
