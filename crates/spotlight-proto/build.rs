@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The vendored protoc means a fresh machine needs no system package; PROTOC overrides.
     let mut config = tonic_prost_build::Config::new();
+    // Feature bytes are reference-counted, so the coordinator forwards them to several
+    // workers without copying.
+    config.bytes([".spotlight.v1.FeatureTensor.data"]);
     match std::env::var_os("PROTOC") {
         Some(protoc) => config.protoc_executable(protoc),
         None => config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?),

@@ -7,9 +7,10 @@
 use std::time::{Duration, Instant};
 
 use spotlight_codec::Codec;
-use spotlight_model::{FullSession, preprocess};
+use spotlight_model::preprocess;
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::cloud_message::Kind;
+use spotlight_runtime::FullSession;
 use spotlight_tests::*;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use spotlight_codec::Codec;
 use spotlight_coordinator::{CoordinatorConfig, Listeners};
-use spotlight_model::{BackboneSession, Model, preprocess};
+use spotlight_model::{Model, preprocess};
 use spotlight_proto::v1 as pb;
+use spotlight_runtime::BackboneSession;
 use spotlight_worker::WorkerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -37,7 +38,8 @@ pub fn model() -> Arc<Model> {
     init_logs();
     MODEL
         .get_or_init(|| {
-            spotlight_model::init_onnxruntime(None).expect("ONNX Runtime (run `make onnxruntime`)");
+            spotlight_runtime::init_onnxruntime(None)
+                .expect("ONNX Runtime (run `make onnxruntime`)");
             Arc::new(
                 Model::load(repo_root().join("models/fashion-mnist-nested"))
                     .expect("shipped model"),
@@ -99,7 +101,7 @@ pub fn frame(model: &Model, seq: u64, features: &[f32], codec: Codec) -> pb::Edg
             features: Some(pb::FeatureTensor {
                 codec: codec.wire(),
                 shape: model.feature_shape(1),
-                data: e.data,
+                data: e.data.into(),
                 scale: e.scale,
                 zero_point: e.zero_point,
             }),

@@ -1,9 +1,9 @@
 //! Equivalence, cutout and runtime task change, on real servers over loopback.
 
 use spotlight_codec::Codec;
-use spotlight_model::FullSession;
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::cloud_message::Kind;
+use spotlight_runtime::FullSession;
 use spotlight_tests::*;
 
 fn prediction(k: &Kind) -> &pb::Prediction {

@@ -5,6 +5,7 @@
 pub mod error;
 mod grpc;
 mod http;
+pub mod link;
 pub mod registry;
 pub mod router;
 pub mod task;

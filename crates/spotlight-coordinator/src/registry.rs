@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use spotlight_model::Model;
 use spotlight_proto::v1::branches_client::BranchesClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::link::WorkerLink;
 
 /// One registered worker.
 #[derive(Debug)]
@@ -19,8 +20,9 @@ pub struct WorkerEntry {
     pub endpoint: String,
     /// Segment indices hosted.
     pub segments: Vec<usize>,
-    pub client: BranchesClient<Channel>,
-    /// Requests in flight to this worker.
+    /// The long-lived run stream to it.
+    pub link: WorkerLink,
+    /// Frames in flight to this worker.
     pub outstanding: AtomicU32,
     expires: Mutex<Instant>,
 }
@@ -150,7 +152,11 @@ impl Registry {
             worker_id: worker_id.clone(),
             endpoint: endpoint.clone(),
             segments: indices,
-            client: BranchesClient::new(channel).max_decoding_message_size(16 << 20),
+            link: WorkerLink::spawn(
+                worker_id.clone(),
+                BranchesClient::new(channel).max_decoding_message_size(64 << 20),
+                self.model.hash().to_string(),
+            ),
             outstanding: AtomicU32::new(0),
             expires: Mutex::new(Instant::now() + self.ttl),
         });

@@ -1,6 +1,5 @@
 //! Per-frame routing: cutout plan → workers → merged, normalised prediction.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +8,9 @@ use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::link::FrameLogits;
 use crate::registry::{InFlight, Registry};
-use crate::task::ActiveTask;
+use crate::task::{ActiveTask, RouteGroup};
 
 /// Routing deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -72,38 +72,22 @@ impl Router {
         let features = features.unwrap_or_default();
         let plan = &task.plan;
 
-        // Segments grouped by top-level branch: a branch's subtree lives on one worker.
-        let mut groups: BTreeMap<usize, Vec<pb::SegmentRun>> = BTreeMap::new();
-        let mut group_segments: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (&s, &gain) in plan.segments.iter().zip(&plan.segment_gains) {
-            let root = self.model.root_of(s);
-            groups.entry(root).or_default().push(pb::SegmentRun {
-                segment_id: self.model.segments()[s].id.clone(),
-                gain,
-            });
-            group_segments.entry(root).or_default().push(s);
-        }
-        let calls =
-            group_segments
-                .into_iter()
-                .zip(groups.into_values())
-                .map(|((_, segs), runs)| {
-                    let request = pb::RunRequest {
-                        model_hash: self.model.hash().to_string(),
-                        features: Some(features.clone()),
-                        segments: runs,
-                    };
-                    self.call(segs, request)
-                });
-        let responses = futures::future::join_all(calls).await;
-
+        // One call per top-level branch; the feature bytes are shared, not copied.
         let mut logits = vec![f32::NAN; self.model.categories().len()];
-        for response in responses {
-            for out in response?.outputs {
-                for (&c, &z) in out.categories.iter().zip(&out.logits) {
-                    if let Some(slot) = logits.get_mut(c as usize) {
-                        *slot = z;
-                    }
+        let mut fill = |answer: Result<FrameLogits, ApiError>| -> Result<(), ApiError> {
+            for (c, z) in answer? {
+                if let Some(slot) = logits.get_mut(c as usize) {
+                    *slot = z;
+                }
+            }
+            Ok(())
+        };
+        match task.groups.as_slice() {
+            [one] => fill(self.call(one, features).await)?,
+            groups => {
+                let calls = groups.iter().map(|g| self.call(g, features.clone()));
+                for answer in futures::future::join_all(calls).await {
+                    fill(answer)?;
                 }
             }
         }
@@ -149,9 +133,10 @@ impl Router {
     /// if the first is unreachable.
     async fn call(
         &self,
-        segments: Vec<usize>,
-        request: pb::RunRequest,
-    ) -> Result<pb::RunResponse, ApiError> {
+        group: &RouteGroup,
+        features: pb::FeatureTensor,
+    ) -> Result<FrameLogits, ApiError> {
+        let segments = &group.segments;
         let mut tried = Vec::new();
         loop {
             let wait = if tried.is_empty() {
@@ -159,7 +144,7 @@ impl Router {
             } else {
                 Duration::ZERO
             };
-            let Some(worker) = self.registry.pick_within(&segments, &tried, wait).await else {
+            let Some(worker) = self.registry.pick_within(segments, &tried, wait).await else {
                 let ids: Vec<_> = segments
                     .iter()
                     .map(|&s| self.model.segments()[s].id.as_str())
@@ -178,20 +163,13 @@ impl Router {
             };
             tried.push(worker.lease_id);
             let _in_flight = InFlight::new(worker.clone());
-            let mut client = worker.client.clone();
-            let mut req = tonic::Request::new(request.clone());
-            req.set_timeout(self.limits.worker_timeout);
-            match tokio::time::timeout(self.limits.worker_timeout, client.run(req)).await {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
-                Ok(Err(status)) if status.code() == tonic::Code::Unavailable && tried.len() < 2 => {
-                    tracing::warn!(worker = worker.worker_id, error = %status.message(), "worker unreachable; trying another replica");
+            let call = worker.link.run(group.runs.clone(), features.clone());
+            match tokio::time::timeout(self.limits.worker_timeout, call).await {
+                Ok(Ok(logits)) => return Ok(logits),
+                Ok(Err(e)) if e.code == ErrorCode::Unavailable && tried.len() < 2 => {
+                    tracing::warn!(worker = worker.worker_id, error = %e.message, "worker unreachable; trying another replica");
                 }
-                Ok(Err(status)) => {
-                    return Err(ApiError::new(
-                        ErrorCode::from_grpc(status.code()),
-                        format!("worker \"{}\": {}", worker.worker_id, status.message()),
-                    ));
-                }
+                Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(ApiError::new(
                         ErrorCode::DeadlineExceeded,

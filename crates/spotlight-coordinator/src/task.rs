@@ -18,6 +18,52 @@ pub struct ActiveTask {
     pub spec: TaskSpec,
     /// Resolved against the model.
     pub plan: Plan,
+    /// The plan's segments by top-level branch, as sent to workers (computed once per task,
+    /// shared by every frame).
+    pub groups: Vec<RouteGroup>,
+}
+
+/// The segments of one top-level branch that a plan runs: a branch's subtree lives on one
+/// worker, so parent features never cross the network.
+#[derive(Debug, Clone)]
+pub struct RouteGroup {
+    /// Segment indices, parents first.
+    pub segments: Vec<usize>,
+    /// The same segments with their gains, as the worker request carries them.
+    pub runs: Arc<[spotlight_proto::v1::SegmentRun]>,
+}
+
+impl ActiveTask {
+    /// Resolves the routing groups of `plan`.
+    pub fn new(model: &Model, version: u64, spec: TaskSpec, plan: Plan) -> Self {
+        let mut groups: Vec<(usize, Vec<usize>, Vec<spotlight_proto::v1::SegmentRun>)> = Vec::new();
+        for (&s, &gain) in plan.segments.iter().zip(&plan.segment_gains) {
+            let root = model.root_of(s);
+            let run = spotlight_proto::v1::SegmentRun {
+                segment_id: model.segments()[s].id.clone(),
+                gain,
+            };
+            match groups.iter_mut().find(|g| g.0 == root) {
+                Some(g) => {
+                    g.1.push(s);
+                    g.2.push(run);
+                }
+                None => groups.push((root, vec![s], vec![run])),
+            }
+        }
+        Self {
+            version,
+            spec,
+            plan,
+            groups: groups
+                .into_iter()
+                .map(|(_, segments, runs)| RouteGroup {
+                    segments,
+                    runs: runs.into(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -65,11 +111,7 @@ impl TaskState {
                 format!("task state does not fit model {}: {e}", model.name()),
             )
         })?;
-        let (tx, _) = watch::channel(Arc::new(ActiveTask {
-            version,
-            spec,
-            plan,
-        }));
+        let (tx, _) = watch::channel(Arc::new(ActiveTask::new(&model, version, spec, plan)));
         Ok(Self {
             model,
             state_file,
@@ -103,11 +145,7 @@ impl TaskState {
             )
             .await?;
         }
-        let task = Arc::new(ActiveTask {
-            version,
-            spec,
-            plan,
-        });
+        let task = Arc::new(ActiveTask::new(&self.model, version, spec, plan));
         self.tx.send_replace(task.clone());
         tracing::info!(version, categories = ?task.spec.categories, gains = ?task.spec.gains, "task changed");
         Ok(task)

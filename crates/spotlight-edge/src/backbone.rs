@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use spotlight_codec::Codec;
-use spotlight_model::{BackboneSession, Model};
+use spotlight_model::Model;
 use spotlight_proto::v1::FeatureTensor;
+use spotlight_runtime::BackboneSession;
 use tokio::sync::mpsc;
 
 use crate::EdgeError;
@@ -19,7 +20,7 @@ pub fn feature_tensor(codec: Codec, model: &Model, values: &[f32]) -> FeatureTen
     FeatureTensor {
         codec: e.codec.wire(),
         shape: model.feature_shape(1),
-        data: e.data,
+        data: e.data.into(),
         scale: e.scale,
         zero_point: e.zero_point,
     }
@@ -37,7 +38,7 @@ pub struct Backbone {
 
 impl Backbone {
     /// Opens `backbone.onnx` of `model` (ONNX Runtime must be initialised, or findable by
-    /// `spotlight_model::init_onnxruntime(None)`).
+    /// `spotlight_runtime::init_onnxruntime(None)`).
     pub fn open(model: Arc<Model>, codec: Codec, threads: usize) -> Result<Self, EdgeError> {
         let session = BackboneSession::open(&model, threads)?;
         Ok(Self {

@@ -1,7 +1,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use spotlight_model::OnnxRuntimeError;
+use spotlight_runtime::OnnxRuntimeError;
 
 use crate::idx::IdxError;
 

@@ -488,7 +488,7 @@ mod tests {
             features: FeatureTensor {
                 codec: 3,
                 shape: vec![1, 8, 7, 7],
-                data: vec![seq as u8; 392],
+                data: vec![seq as u8; 392].into(),
                 scale: 0.1,
                 zero_point: 0.0,
             },

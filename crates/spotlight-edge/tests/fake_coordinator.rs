@@ -25,7 +25,7 @@ const LABELS: &str = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.g
 fn model() -> Option<Arc<Model>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-mnist-nested");
     // No silent skip: without ONNX Runtime these tests would prove nothing.
-    if let Err(e) = spotlight_model::init_onnxruntime(None) {
+    if let Err(e) = spotlight_runtime::init_onnxruntime(None) {
         panic!("{e}");
     }
     Some(Arc::new(Model::load(dir).unwrap()))

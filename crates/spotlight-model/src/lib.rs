@@ -1,5 +1,5 @@
-//! The model package: manifest, segment tree, cutout plans, cost accounting, and the ONNX
-//! Runtime sessions that run the backbone and the segments.
+//! The model package: manifest, segment tree, cutout plans, cost accounting and merge. Pure:
+//! no ONNX Runtime here (that is `spotlight-runtime`), so the coordinator does not link it.
 //!
 //! The on-disk format is documented in `docs/model-package.md`.
 
@@ -7,7 +7,6 @@ mod error;
 mod manifest;
 mod plan;
 mod preprocess;
-mod runtime;
 
 pub use error::ModelError;
 pub use manifest::{
@@ -15,10 +14,6 @@ pub use manifest::{
 };
 pub use plan::{CategoryScore, Plan, Scores, TaskSpec};
 pub use preprocess::preprocess;
-pub use runtime::{
-    BackboneSession, FullSession, OnnxRuntimeError, SegmentOutputs, SegmentSession,
-    init_onnxruntime, resolve_library,
-};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,15 +1,21 @@
-//! Segment sessions and their execution, off the async runtime.
+//! The hosted segments and the dynamic batcher that runs them.
+//!
+//! Requests (a unary `Run`, or a `RunBatch` of a stream) are checked on the async side and
+//! queued as jobs. Batcher threads — each owning its own ONNX Runtime sessions — take every
+//! job queued (up to `max_batch` frames, waiting at most `max_delay` for more), decode the
+//! frames once, and run each segment once for all the frames that asked for it, feeding each
+//! frame its own gain. Nothing here runs a model on an async worker thread.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use spotlight_codec::Codec;
-use spotlight_model::{Model, OnnxRuntimeError, SegmentSession};
+use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
-use tokio::sync::Semaphore;
+use spotlight_runtime::{OnnxRuntimeError, SegmentSession};
 
-/// Why a request failed.
+/// Why a request failed as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("request is for model {got}, this worker runs {expected}")]
@@ -20,73 +26,259 @@ pub enum EngineError {
     NotHosted(String),
     #[error(transparent)]
     Runtime(#[from] OnnxRuntimeError),
+    #[error("queue full: {queued} frames queued, capacity {capacity}; retry later")]
+    Overloaded { queued: usize, capacity: usize },
     #[error("worker is shutting down")]
     Closed,
 }
 
-impl From<EngineError> for tonic::Status {
-    fn from(e: EngineError) -> Self {
-        let code = match &e {
+impl EngineError {
+    /// The gRPC code this error is answered with.
+    pub fn code(&self) -> tonic::Code {
+        match self {
             EngineError::WrongModel { .. } => tonic::Code::FailedPrecondition,
             EngineError::BadRequest(_) => tonic::Code::InvalidArgument,
             EngineError::NotHosted(_) => tonic::Code::NotFound,
             EngineError::Runtime(_) => tonic::Code::Internal,
+            EngineError::Overloaded { .. } => tonic::Code::ResourceExhausted,
             EngineError::Closed => tonic::Code::Unavailable,
-        };
-        tonic::Status::new(code, e.to_string())
+        }
     }
 }
 
-struct Hosted {
-    session: Mutex<SegmentSession>,
-    runs: AtomicU64,
+impl From<EngineError> for tonic::Status {
+    fn from(e: EngineError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
 }
 
-/// The hosted segments and their counters.
+/// How the batcher coalesces frames.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// Most frames in one ONNX Runtime run (a larger single request still runs whole).
+    pub max_batch: usize,
+    /// How long the oldest queued frame may wait for more to arrive; zero runs whatever is
+    /// queued as soon as a batcher thread is free.
+    pub max_delay: Duration,
+    /// Frames queued at most; beyond it requests are refused with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Batcher threads, each with its own sessions.
+    pub threads: usize,
+    /// ONNX Runtime intra-op threads per session.
+    pub intra_threads: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_batch: 64,
+            max_delay: Duration::ZERO,
+            queue_capacity: 4096,
+            threads: 1,
+            intra_threads: 1,
+        }
+    }
+}
+
+/// Where a job's result goes; called once, on a batcher thread.
+pub type Reply = Box<dyn FnOnce(pb::RunBatchResult) + Send>;
+
+/// Frames that need the same segments, checked and waiting for a batcher thread.
+struct Job {
+    /// (segment index, gain), parents before children.
+    segments: Vec<(usize, f32)>,
+    /// (position in the request, tensor) of the frames that passed the checks.
+    frames: Vec<(u32, pb::FeatureTensor)>,
+    /// Frames refused before queueing.
+    errors: Vec<pb::ItemError>,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: std::collections::VecDeque<(Instant, Job)>,
+    frames: usize,
+    closed: bool,
+}
+
+/// A bounded multi-consumer queue of jobs.
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, job: Job) -> Result<(), (Job, EngineError)> {
+        let mut s = self.lock();
+        if s.closed {
+            return Err((job, EngineError::Closed));
+        }
+        let n = job.frames.len();
+        if s.frames > 0 && s.frames + n > self.capacity {
+            let err = EngineError::Overloaded {
+                queued: s.frames,
+                capacity: self.capacity,
+            };
+            return Err((job, err));
+        }
+        s.frames += n;
+        s.jobs.push_back((Instant::now(), job));
+        drop(s);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Blocks until a job is queued, then takes jobs up to `max_batch` frames (at least one
+    /// job), waiting up to `max_delay` after the oldest job's arrival for the batch to fill.
+    /// `None` once closed and empty.
+    fn take(&self, max_batch: usize, max_delay: Duration) -> Option<Vec<Job>> {
+        let mut s = self.lock();
+        while s.jobs.is_empty() {
+            if s.closed {
+                return None;
+            }
+            s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if !max_delay.is_zero() {
+            let deadline = s.jobs.front().map(|j| j.0 + max_delay);
+            while let Some(deadline) = deadline {
+                let now = Instant::now();
+                if s.frames >= max_batch || now >= deadline || s.closed {
+                    break;
+                }
+                s = self
+                    .ready
+                    .wait_timeout(s, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        let mut jobs = Vec::new();
+        let mut frames = 0;
+        while let Some((_, front)) = s.jobs.front() {
+            let n = front.frames.len();
+            if !jobs.is_empty() && frames + n > max_batch {
+                break;
+            }
+            frames += n;
+            if let Some((_, job)) = s.jobs.pop_front() {
+                jobs.push(job);
+            }
+        }
+        s.frames -= frames;
+        let more = !s.jobs.is_empty();
+        drop(s);
+        if more {
+            // Another batcher thread can start on the rest.
+            self.ready.notify_one();
+        }
+        Some(jobs)
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    frames: AtomicU64,
+    batches: AtomicU64,
+}
+
+/// The hosted segments, their batcher threads and counters.
 pub struct Engine {
     model: Arc<Model>,
     worker_id: String,
-    /// By segment index; `None` where not hosted.
-    hosted: Vec<Option<Hosted>>,
-    permits: Semaphore,
-    requests: AtomicU64,
+    /// By segment index: hosted here.
+    hosted: Vec<bool>,
+    counters: Arc<Vec<Counters>>,
+    requests: Arc<AtomicU64>,
+    rejected: AtomicU64,
+    queue: Arc<Queue>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Engine {
-    /// Opens the sessions of `branches` (top-level ids; empty = all) and their descendants.
+    /// Opens the sessions of `branches` (top-level ids; empty = all) and their descendants,
+    /// once per batcher thread, and starts the threads.
     pub async fn load(
         model: Arc<Model>,
         branches: &[String],
-        max_concurrent: usize,
-        intra_threads: usize,
+        batch: BatchSettings,
     ) -> Result<Self, EngineError> {
-        let m = model.clone();
-        let branches = branches.to_vec();
-        let hosted =
-            tokio::task::spawn_blocking(move || -> Result<Vec<Option<Hosted>>, EngineError> {
-                (0..m.segments().len())
-                    .map(|s| {
-                        let root = &m.segments()[m.root_of(s)].id;
-                        if branches.is_empty() || branches.contains(root) {
-                            let session = SegmentSession::open(&m, s, intra_threads)?;
-                            Ok(Some(Hosted {
-                                session: Mutex::new(session),
-                                runs: AtomicU64::new(0),
-                            }))
-                        } else {
-                            Ok(None)
-                        }
-                    })
-                    .collect()
+        if batch.max_batch == 0 || batch.threads == 0 || batch.queue_capacity == 0 {
+            return Err(EngineError::BadRequest(
+                "max_batch, threads and queue_capacity must be > 0".into(),
+            ));
+        }
+        let hosted: Vec<bool> = (0..model.segments().len())
+            .map(|s| {
+                let root = &model.segments()[model.root_of(s)].id;
+                branches.is_empty() || branches.contains(root)
             })
-            .await
-            .map_err(|_| EngineError::Closed)??;
+            .collect();
+        let m = model.clone();
+        let h = hosted.clone();
+        let sessions = tokio::task::spawn_blocking(move || {
+            (0..batch.threads)
+                .map(|_| {
+                    h.iter()
+                        .enumerate()
+                        .map(|(s, &hosted)| {
+                            hosted
+                                .then(|| SegmentSession::open(&m, s, batch.intra_threads))
+                                .transpose()
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| EngineError::Closed)??;
+
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            capacity: batch.queue_capacity,
+        });
+        let counters: Arc<Vec<Counters>> =
+            Arc::new((0..hosted.len()).map(|_| Counters::default()).collect());
+        let requests = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for (i, sessions) in sessions.into_iter().enumerate() {
+            let mut batcher = Batcher {
+                model: model.clone(),
+                sessions,
+                counters: counters.clone(),
+                requests: requests.clone(),
+            };
+            let queue = queue.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("batcher-{i}"))
+                .spawn(move || {
+                    while let Some(jobs) = queue.take(batch.max_batch, batch.max_delay) {
+                        batcher.run(jobs);
+                    }
+                })
+                .map_err(|e| EngineError::BadRequest(format!("cannot start a thread: {e}")))?;
+            threads.push(handle);
+        }
         Ok(Self {
             model,
             worker_id: String::new(),
             hosted,
-            permits: Semaphore::new(max_concurrent),
-            requests: AtomicU64::new(0),
+            counters,
+            requests,
+            rejected: AtomicU64::new(0),
+            queue,
+            threads: Mutex::new(threads),
         })
     }
 
@@ -101,79 +293,129 @@ impl Engine {
         self.hosted
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.is_some())
+            .filter(|(_, h)| **h)
             .map(|(s, _)| self.model.segments()[s].id.clone())
             .collect()
     }
 
     /// Counters since start.
     pub fn stats(&self) -> pb::StatsResponse {
+        let hosted = || {
+            self.hosted
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| **h)
+                .map(|(s, _)| (self.model.segments()[s].id.clone(), &self.counters[s]))
+        };
         pb::StatsResponse {
             worker_id: self.worker_id.clone(),
             requests: self.requests.load(Ordering::Relaxed),
-            segments_run: self
-                .hosted
-                .iter()
-                .enumerate()
-                .filter_map(|(s, h)| {
-                    h.as_ref().map(|h| {
-                        (
-                            self.model.segments()[s].id.clone(),
-                            h.runs.load(Ordering::Relaxed),
-                        )
-                    })
-                })
+            segments_run: hosted()
+                .map(|(id, c)| (id, c.frames.load(Ordering::Relaxed)))
                 .collect(),
+            segment_batches: hosted()
+                .map(|(id, c)| (id, c.batches.load(Ordering::Relaxed)))
+                .collect(),
+            rejected: self.rejected.load(Ordering::Relaxed),
         }
     }
 
-    /// Runs one request on a blocking thread (at most `max_concurrent` at once).
-    pub async fn run(
-        self: &Arc<Self>,
-        request: pb::RunRequest,
-    ) -> Result<pb::RunResponse, EngineError> {
-        if request.model_hash != self.model.hash() {
+    /// Checks a batch and queues it; `reply` gets its result exactly once (at once when the
+    /// whole batch is refused, with every frame as an error).
+    pub fn submit(
+        &self,
+        model_hash: &str,
+        segments: &[pb::SegmentRun],
+        features: Vec<pb::FeatureTensor>,
+        reply: Reply,
+    ) {
+        let n = features.len();
+        let (segments, frames, errors) = match self.check(model_hash, segments, features) {
+            Ok(checked) => checked,
+            Err(e) => {
+                reply(refuse_all(n, &e));
+                return;
+            }
+        };
+        if frames.is_empty() {
+            // Nothing to run: answer the per-frame errors now.
+            reply(pb::RunBatchResult {
+                errors,
+                ..Default::default()
+            });
+            return;
+        }
+        let job = Job {
+            segments,
+            frames,
+            errors,
+            reply,
+        };
+        if let Err((job, e)) = self.queue.push(job) {
+            self.rejected
+                .fetch_add(job.frames.len() as u64, Ordering::Relaxed);
+            tracing::debug!(error = %e, "batch refused");
+            let mut result = refuse_all(0, &e);
+            result.errors = job.errors;
+            result
+                .errors
+                .extend(job.frames.iter().map(|(i, _)| item_error(*i, &e)));
+            result.errors.sort_by_key(|e| e.index);
+            (job.reply)(result);
+        }
+    }
+
+    /// Runs one frame (the unary `Run`) through the batcher.
+    pub async fn run(&self, request: pb::RunRequest) -> Result<pb::RunResponse, tonic::Status> {
+        let features = request
+            .features
+            .ok_or_else(|| tonic::Status::invalid_argument("request has no feature tensor"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(
+            &request.model_hash,
+            &request.segments,
+            vec![features],
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let result = rx.await.map_err(|_| EngineError::Closed)?;
+        if let Some(e) = result.errors.into_iter().next() {
+            return Err(tonic::Status::new(tonic::Code::from(e.code), e.message));
+        }
+        Ok(pb::RunResponse {
+            outputs: result.outputs,
+        })
+    }
+
+    /// Checks a request: the segments to run (parents first), the frames that passed the
+    /// checks, and the errors of those that did not.
+    fn check(
+        &self,
+        model_hash: &str,
+        segments: &[pb::SegmentRun],
+        features: Vec<pb::FeatureTensor>,
+    ) -> Result<Checked, EngineError> {
+        let model = &self.model;
+        if model_hash != model.hash() {
             return Err(EngineError::WrongModel {
-                expected: self.model.hash().to_string(),
-                got: request.model_hash,
+                expected: model.hash().to_string(),
+                got: model_hash.to_string(),
             });
         }
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| EngineError::Closed)?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.run_blocking(request))
-            .await
-            .map_err(|_| EngineError::Closed)?
-    }
-
-    fn run_blocking(&self, request: pb::RunRequest) -> Result<pb::RunResponse, EngineError> {
-        let model = &self.model;
-        let f = request
-            .features
-            .ok_or_else(|| EngineError::BadRequest("request has no feature tensor".into()))?;
-        let expected = model.feature_shape(1);
-        if f.shape != expected {
-            return Err(EngineError::BadRequest(format!(
-                "feature tensor has shape {:?}; expected {expected:?}",
-                f.shape
-            )));
+        if segments.is_empty() {
+            return Err(EngineError::BadRequest("request names no segment".into()));
         }
-        let codec =
-            Codec::from_wire(f.codec).map_err(|e| EngineError::BadRequest(e.to_string()))?;
-        let features =
-            spotlight_codec::decode(codec, &f.data, f.scale, f.zero_point, model.feature_len())
-                .map_err(|e| EngineError::BadRequest(e.to_string()))?;
-
-        // Resolve and order the requested segments (parents first).
-        let mut wanted: Vec<(usize, f32)> = Vec::with_capacity(request.segments.len());
-        for r in &request.segments {
+        let mut wanted: Vec<(usize, f32)> = Vec::with_capacity(segments.len());
+        for r in segments {
             let s = model.segment_index(&r.segment_id).ok_or_else(|| {
-                EngineError::BadRequest(format!("unknown segment \"{}\"", r.segment_id))
+                EngineError::BadRequest(format!(
+                    "unknown segment \"{}\"; hosted here: {}",
+                    r.segment_id,
+                    self.segment_ids().join(", ")
+                ))
             })?;
-            if self.hosted[s].is_none() {
+            if !self.hosted[s] {
                 return Err(EngineError::NotHosted(r.segment_id.clone()));
             }
             if !r.gain.is_finite() || r.gain < 0.0 {
@@ -182,46 +424,263 @@ impl Engine {
                     r.segment_id, r.gain
                 )));
             }
+            if wanted.iter().any(|w| w.0 == s) {
+                return Err(EngineError::BadRequest(format!(
+                    "segment \"{}\" is listed twice",
+                    r.segment_id
+                )));
+            }
             wanted.push((s, r.gain));
         }
         wanted.sort_by_key(|w| w.0);
-        wanted.dedup_by_key(|w| w.0);
-
-        let mut outputs: HashMap<usize, Vec<f32>> = HashMap::new();
-        let mut response = pb::RunResponse::default();
-        for &(s, gain) in &wanted {
-            let input = match model.parent_of(s) {
-                None => features.clone(),
-                Some(p) => outputs.get(&p).cloned().ok_or_else(|| {
-                    EngineError::BadRequest(format!(
-                        "segment \"{}\" needs its parent \"{}\" in the same request",
-                        model.segments()[s].id,
-                        model.segments()[p].id
-                    ))
-                })?,
-            };
-            let Some(hosted) = &self.hosted[s] else {
-                continue;
-            };
-            let out = {
-                let mut session = hosted.session.lock().unwrap_or_else(|p| p.into_inner());
-                session.run(input, vec![gain])?
-            };
-            hosted.runs.fetch_add(1, Ordering::Relaxed);
-            if let Some(feat) = out.features {
-                outputs.insert(s, feat);
-            }
-            if let Some(logits) = out.logits {
-                let spec = &model.segments()[s];
-                response.outputs.push(pb::SegmentOutput {
-                    segment_id: spec.id.clone(),
-                    categories: spec.direct_categories.iter().map(|&c| c as u32).collect(),
-                    logits,
-                });
+        for &(s, _) in &wanted {
+            if let Some(p) = model.parent_of(s)
+                && !wanted.iter().any(|w| w.0 == p)
+            {
+                return Err(EngineError::BadRequest(format!(
+                    "segment \"{}\" needs its parent \"{}\" in the same request",
+                    model.segments()[s].id,
+                    model.segments()[p].id
+                )));
             }
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        tracing::trace!(segments = wanted.len(), "request served");
-        Ok(response)
+        if features.len() > MAX_FRAMES_PER_BATCH {
+            return Err(EngineError::BadRequest(format!(
+                "batch has {} frames; at most {MAX_FRAMES_PER_BATCH}",
+                features.len()
+            )));
+        }
+        let expected = model.feature_shape(1);
+        let mut frames = Vec::with_capacity(features.len());
+        let mut errors = Vec::new();
+        for (i, f) in features.into_iter().enumerate() {
+            let i = i as u32;
+            let checked = if f.shape != expected {
+                Err(format!(
+                    "feature tensor has shape {:?}; expected {expected:?}",
+                    f.shape
+                ))
+            } else {
+                Codec::from_wire(f.codec)
+                    .and_then(|c| spotlight_codec::check_len(c, f.data.len(), model.feature_len()))
+                    .map_err(|e| e.to_string())
+            };
+            match checked {
+                Ok(()) => frames.push((i, f)),
+                Err(message) => errors.push(pb::ItemError {
+                    index: i,
+                    code: tonic::Code::InvalidArgument as i32,
+                    message,
+                }),
+            }
+        }
+        Ok((wanted, frames, errors))
     }
+}
+
+type Checked = (
+    Vec<(usize, f32)>,
+    Vec<(u32, pb::FeatureTensor)>,
+    Vec<pb::ItemError>,
+);
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.queue.close();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Most frames one `RunBatch` may carry.
+pub const MAX_FRAMES_PER_BATCH: usize = 4096;
+
+fn item_error(index: u32, e: &EngineError) -> pb::ItemError {
+    pb::ItemError {
+        index,
+        code: e.code() as i32,
+        message: e.to_string(),
+    }
+}
+
+/// A result that refuses all `n` frames with `e`.
+fn refuse_all(n: usize, e: &EngineError) -> pb::RunBatchResult {
+    pb::RunBatchResult {
+        errors: (0..n as u32).map(|i| item_error(i, e)).collect(),
+        ..Default::default()
+    }
+}
+
+/// One batcher thread's sessions and the work it does per batch.
+struct Batcher {
+    model: Arc<Model>,
+    /// By segment index; `None` where not hosted.
+    sessions: Vec<Option<SegmentSession>>,
+    counters: Arc<Vec<Counters>>,
+    requests: Arc<AtomicU64>,
+}
+
+/// A segment's output for the rows that ran it.
+#[derive(Default)]
+struct SegmentRows {
+    /// Global rows, ascending.
+    rows: Vec<usize>,
+    /// `rows.len()` rows of gained features (segments with children).
+    features: Vec<f32>,
+    feature_len: usize,
+    /// `rows.len()` rows of logits (segments with direct categories).
+    logits: Vec<f32>,
+}
+
+impl Batcher {
+    fn run(&mut self, jobs: Vec<Job>) {
+        let model = self.model.clone();
+        let len = model.feature_len();
+        // Decode every frame once into one matrix; a frame that fails to decode becomes
+        // that frame's error.
+        let mut owner: Vec<(usize, u32)> = Vec::new(); // global row → (job, index in request)
+        let mut input: Vec<f32> = Vec::new();
+        let mut errors: Vec<Vec<pb::ItemError>> = Vec::with_capacity(jobs.len());
+        for (j, job) in jobs.iter().enumerate() {
+            let mut errs = job.errors.clone();
+            for (i, f) in &job.frames {
+                let decoded = Codec::from_wire(f.codec)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        spotlight_codec::decode(c, &f.data, f.scale, f.zero_point, len)
+                            .map_err(|e| e.to_string())
+                    });
+                match decoded {
+                    Ok(values) if values.iter().all(|v| v.is_finite()) => {
+                        input.extend_from_slice(&values);
+                        owner.push((j, *i));
+                    }
+                    Ok(_) => errs.push(pb::ItemError {
+                        index: *i,
+                        code: tonic::Code::InvalidArgument as i32,
+                        message: "feature tensor holds non-finite values".into(),
+                    }),
+                    Err(message) => errs.push(pb::ItemError {
+                        index: *i,
+                        code: tonic::Code::InvalidArgument as i32,
+                        message,
+                    }),
+                }
+            }
+            errors.push(errs);
+        }
+
+        // Each segment once, for every row whose job asked for it, parents first.
+        let nseg = model.segments().len();
+        let mut done: Vec<Option<SegmentRows>> = (0..nseg).map(|_| None).collect();
+        let mut failed: Option<String> = None;
+        for s in 0..nseg {
+            let gains_of_job: Vec<Option<f32>> = jobs
+                .iter()
+                .map(|j| j.segments.iter().find(|w| w.0 == s).map(|w| w.1))
+                .collect();
+            if gains_of_job.iter().all(Option::is_none) || failed.is_some() {
+                continue;
+            }
+            let rows: Vec<usize> = (0..owner.len())
+                .filter(|&r| gains_of_job[owner[r].0].is_some())
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let gains: Vec<f32> = rows
+                .iter()
+                .map(|&r| gains_of_job[owner[r].0].unwrap_or(1.0))
+                .collect();
+            let x = match model.parent_of(s) {
+                None => gather(&input, len, &rows, |r| r),
+                Some(p) => {
+                    let Some(parent) = done[p].as_ref() else {
+                        failed = Some(format!("parent of segment {s} did not run"));
+                        continue;
+                    };
+                    // Rows of a child are a subset of its parent's (checked on submit).
+                    gather(&parent.features, parent.feature_len, &rows, |r| {
+                        parent.rows.binary_search(&r).unwrap_or(0)
+                    })
+                }
+            };
+            let Some(session) = self.sessions[s].as_mut() else {
+                failed = Some(format!("segment {s} is not hosted"));
+                continue;
+            };
+            match session.run(x, gains) {
+                Ok(out) => {
+                    let c = &self.counters[s];
+                    c.frames.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    c.batches.fetch_add(1, Ordering::Relaxed);
+                    let features = out.features.unwrap_or_default();
+                    let feature_len = features.len() / rows.len();
+                    done[s] = Some(SegmentRows {
+                        rows,
+                        features,
+                        feature_len,
+                        logits: out.logits.unwrap_or_default(),
+                    });
+                }
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+
+        // One result per job.
+        let mut row_of_job: Vec<Vec<usize>> = vec![Vec::new(); jobs.len()];
+        for (r, &(j, _)) in owner.iter().enumerate() {
+            row_of_job[j].push(r);
+        }
+        for ((j, job), mut errs) in jobs.into_iter().enumerate().zip(errors) {
+            let rows = &row_of_job[j];
+            let mut result = pb::RunBatchResult::default();
+            if let Some(message) = &failed {
+                errs.extend(rows.iter().map(|&r| pb::ItemError {
+                    index: owner[r].1,
+                    code: tonic::Code::Internal as i32,
+                    message: message.clone(),
+                }));
+            } else {
+                result.rows = rows.iter().map(|&r| owner[r].1).collect();
+                for &(s, _) in &job.segments {
+                    let spec = &model.segments()[s];
+                    let (Some(out), Some(_)) = (done[s].as_ref(), spec.logits_output.as_ref())
+                    else {
+                        continue;
+                    };
+                    let k = spec.direct_categories.len();
+                    let logits = gather(&out.logits, k, rows, |r| {
+                        out.rows.binary_search(&r).unwrap_or(0)
+                    });
+                    result.outputs.push(pb::SegmentOutput {
+                        segment_id: spec.id.clone(),
+                        categories: spec.direct_categories.iter().map(|&c| c as u32).collect(),
+                        logits,
+                    });
+                }
+                self.requests
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            }
+            errs.sort_by_key(|e| e.index);
+            result.errors = errs;
+            (job.reply)(result);
+        }
+        if let Some(message) = failed {
+            tracing::error!(error = message, "batch failed");
+        }
+    }
+}
+
+/// Rows `rows` of a row-major matrix with rows of `width`, where `at` maps a global row to
+/// its position in `matrix`.
+fn gather(matrix: &[f32], width: usize, rows: &[usize], at: impl Fn(usize) -> usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        let i = at(r);
+        out.extend_from_slice(&matrix[i * width..(i + 1) * width]);
+    }
+    out
 }

@@ -1,8 +1,9 @@
 //! A branch worker: hosts a subset of the top-level branches (each with its nested
 //! segments), registers them with the coordinator under a lease, and runs exactly the
-//! segments each request asks for, feeding each its gain.
+//! segments each request asks for, feeding each its gain. Frames from every caller are
+//! coalesced into batched ONNX Runtime runs (see [`engine`]).
 
-mod engine;
+pub mod engine;
 mod registration;
 
 use std::future::Future;
@@ -14,10 +15,10 @@ use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
 
-pub use engine::{Engine, EngineError};
+pub use engine::{BatchSettings, Engine, EngineError};
 
 /// Worker settings (`configs/worker.toml` documents every key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,8 +34,15 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// Top-level segment ids hosted, each with its nested segments; empty = all.
     pub branches: Vec<String>,
-    /// Requests run at once (each on a blocking thread).
-    pub max_concurrent: usize,
+    /// Batcher threads: ONNX Runtime runs at once, each thread with its own sessions.
+    pub batch_threads: usize,
+    /// Most frames coalesced into one ONNX Runtime run.
+    pub max_batch: usize,
+    /// How long the oldest queued frame waits for a batch to fill (microseconds); 0 runs
+    /// whatever is queued as soon as a batcher thread is free.
+    pub max_queue_delay_us: u64,
+    /// Frames queued at most; beyond it frames are refused with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
     /// ONNX Runtime intra-op threads per segment session.
     pub intra_threads: usize,
     /// Heartbeat period; keep well under the coordinator's lease TTL.
@@ -49,7 +57,10 @@ impl Default for WorkerConfig {
             advertise: None,
             coordinator: "http://127.0.0.1:7000".into(),
             branches: Vec::new(),
-            max_concurrent: 2,
+            batch_threads: 1,
+            max_batch: 64,
+            max_queue_delay_us: 0,
+            queue_capacity: 4096,
             intra_threads: 1,
             heartbeat_ms: 2000,
         }
@@ -81,13 +92,44 @@ impl WorkerConfig {
                 }
             }
         }
-        if self.max_concurrent == 0 || self.intra_threads == 0 {
-            return Err("max_concurrent and intra_threads must be > 0".into());
+        for (key, value) in [
+            ("batch_threads", self.batch_threads),
+            ("max_batch", self.max_batch),
+            ("queue_capacity", self.queue_capacity),
+            ("intra_threads", self.intra_threads),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be > 0"));
+            }
+        }
+        if self.max_batch > engine::MAX_FRAMES_PER_BATCH {
+            return Err(format!(
+                "max_batch must be <= {}, got {}",
+                engine::MAX_FRAMES_PER_BATCH,
+                self.max_batch
+            ));
+        }
+        if self.max_queue_delay_us > 1_000_000 {
+            return Err(format!(
+                "max_queue_delay_us must be <= 1000000 (1 s), got {}",
+                self.max_queue_delay_us
+            ));
         }
         if self.heartbeat_ms == 0 {
             return Err("heartbeat_ms must be > 0".into());
         }
         Ok(())
+    }
+
+    /// The batcher settings.
+    pub fn batch_settings(&self) -> BatchSettings {
+        BatchSettings {
+            max_batch: self.max_batch,
+            max_delay: Duration::from_micros(self.max_queue_delay_us),
+            queue_capacity: self.queue_capacity,
+            threads: self.batch_threads,
+            intra_threads: self.intra_threads,
+        }
     }
 }
 
@@ -114,12 +156,44 @@ impl pb::branches_server::Branches for BranchesService {
         &self,
         request: Request<pb::RunRequest>,
     ) -> Result<Response<pb::RunResponse>, Status> {
-        let response = self
-            .engine
-            .run(request.into_inner())
-            .await
-            .map_err(Status::from)?;
-        Ok(Response::new(response))
+        Ok(Response::new(self.engine.run(request.into_inner()).await?))
+    }
+
+    type RunStreamStream = UnboundedReceiverStream<Result<pb::RunBatchResult, Status>>;
+
+    async fn run_stream(
+        &self,
+        request: Request<Streaming<pb::RunBatch>>,
+    ) -> Result<Response<Self::RunStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        // Unbounded, yet bounded in practice: each result answers a batch that the engine's
+        // bounded queue admitted (or refused at once).
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = match inbound.message().await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(error = %status, "run stream ended by the caller");
+                        break;
+                    }
+                };
+                let tx = tx.clone();
+                let id = batch.batch_id;
+                engine.submit(
+                    &batch.model_hash,
+                    &batch.segments,
+                    batch.features,
+                    Box::new(move |mut result| {
+                        result.batch_id = id;
+                        let _ = tx.send(Ok(result));
+                    }),
+                );
+            }
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 
     async fn stats(
@@ -139,13 +213,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate(&model).map_err(WorkerError::Config)?;
-    let engine = Engine::load(
-        model.clone(),
-        &config.branches,
-        config.max_concurrent,
-        config.intra_threads,
-    )
-    .await?;
+    let engine = Engine::load(model.clone(), &config.branches, config.batch_settings()).await?;
     let engine = Arc::new(engine.with_worker_id(config.worker_id.clone()));
     let local = listener
         .local_addr()

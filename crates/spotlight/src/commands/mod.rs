@@ -60,7 +60,7 @@ fn load_model(settings: &Settings) -> anyhow::Result<Arc<Model>> {
 
 /// Loads ONNX Runtime (only roles that run models need it).
 fn init_onnxruntime(settings: &Settings) -> anyhow::Result<()> {
-    spotlight_model::init_onnxruntime(settings.onnxruntime.as_deref())?;
+    spotlight_runtime::init_onnxruntime(settings.onnxruntime.as_deref())?;
     Ok(())
 }
 

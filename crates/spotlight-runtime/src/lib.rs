@@ -1,5 +1,9 @@
-//! ONNX Runtime sessions. Every `run` here blocks: call it from a dedicated thread or a
-//! bounded blocking pool, never from an async task.
+//! ONNX Runtime sessions for a model package: the backbone (edge), the segments (workers) and
+//! the monolithic graph (equivalence tests, benchmarks). Kept out of `spotlight-model` so that
+//! roles that run no model (the coordinator) neither link nor load ONNX Runtime.
+//!
+//! Every `run` here blocks: call it from a dedicated thread or a bounded blocking pool, never
+//! from an async task.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -7,7 +11,7 @@ use std::sync::OnceLock;
 use ort::session::Session;
 use ort::value::Tensor;
 
-use crate::{Model, SegmentSpec};
+use spotlight_model::{FullSpec, Model, SegmentSpec};
 
 /// The file name the setup step (`make onnxruntime`) installs under `build/onnxruntime/`.
 const LIBRARY_FILE: &str = "libonnxruntime.so";
@@ -250,7 +254,7 @@ impl SegmentSession {
 /// The monolithic graph (`full.onnx`): images and per-segment gains in, all logits out.
 pub struct FullSession {
     session: Session,
-    spec: crate::FullSpec,
+    spec: FullSpec,
     image_shape: Vec<i64>,
     segments: usize,
 }

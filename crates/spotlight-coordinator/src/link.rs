@@ -1,0 +1,326 @@
+//! One long-lived `Branches.RunStream` per worker, carrying many frames per message.
+//!
+//! Routing hands a frame to a worker's link and awaits its logits. The link's task takes
+//! every frame queued since its last send, groups consecutive frames that need the same
+//! segments into one `RunBatch`, and matches each `RunBatchResult` back to the frames it
+//! answers. A broken stream fails the frames in flight with UNAVAILABLE (routing then tries
+//! another replica) and is reopened on the next frame.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use spotlight_proto::v1 as pb;
+use spotlight_proto::v1::branches_client::BranchesClient;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+
+use crate::error::{ApiError, ErrorCode};
+
+/// Logits a worker returned for one frame: (category index, logit).
+pub type FrameLogits = Vec<(u32, f32)>;
+
+/// Most frames in one `RunBatch` the link sends.
+const MAX_FRAMES_PER_MESSAGE: usize = 256;
+
+/// How often frames whose caller gave up (deadline) are forgotten.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// A frame for a worker.
+struct Request {
+    /// The segments to run with their gains; frames sharing this `Arc` share a message.
+    segments: Arc<[pb::SegmentRun]>,
+    features: pb::FeatureTensor,
+    reply: oneshot::Sender<Result<FrameLogits, ApiError>>,
+}
+
+/// The sending side of a worker's link; cheap to clone. The link's task ends when every
+/// clone is dropped.
+#[derive(Clone)]
+pub struct WorkerLink {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl std::fmt::Debug for WorkerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerLink")
+    }
+}
+
+impl WorkerLink {
+    /// Starts the link's task (on the current tokio runtime); connects on the first frame.
+    pub fn spawn(worker_id: String, client: BranchesClient<Channel>, model_hash: String) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = LinkTask {
+            worker_id,
+            client,
+            model_hash,
+            rx,
+            next_batch: 1,
+            pending: HashMap::new(),
+            out: None,
+            inbound: None,
+        };
+        tokio::spawn(task.run());
+        Self { tx }
+    }
+
+    /// Sends one frame and waits for its logits (the caller applies its own deadline).
+    pub async fn run(
+        &self,
+        segments: Arc<[pb::SegmentRun]>,
+        features: pb::FeatureTensor,
+    ) -> Result<FrameLogits, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || ApiError::new(ErrorCode::Unavailable, "worker link closed");
+        self.tx
+            .send(Request {
+                segments,
+                features,
+                reply,
+            })
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+}
+
+type Reply = oneshot::Sender<Result<FrameLogits, ApiError>>;
+
+struct LinkTask {
+    worker_id: String,
+    client: BranchesClient<Channel>,
+    model_hash: String,
+    rx: mpsc::UnboundedReceiver<Request>,
+    next_batch: u64,
+    /// Batches sent and not yet answered: their frames' replies, by position.
+    pending: HashMap<u64, Vec<Reply>>,
+    out: Option<mpsc::UnboundedSender<pb::RunBatch>>,
+    inbound: Option<tonic::Streaming<pb::RunBatchResult>>,
+}
+
+impl LinkTask {
+    async fn run(mut self) {
+        let mut sweep = tokio::time::interval(SWEEP_PERIOD);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                result = next_result(&mut self.inbound) => match result {
+                    Some(Ok(r)) => self.answer(r),
+                    Some(Err(status)) => self.broken(&format!("stream failed: {}", status.message())),
+                    None => self.broken("stream closed by the worker"),
+                },
+                request = self.rx.recv() => {
+                    let Some(first) = request else { break };
+                    let mut requests = vec![first];
+                    while requests.len() < MAX_FRAMES_PER_MESSAGE {
+                        match self.rx.try_recv() {
+                            Ok(r) => requests.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    self.send(requests).await;
+                }
+                _ = sweep.tick() => {
+                    self.pending.retain(|_, replies| replies.iter().any(|r| !r.is_closed()));
+                }
+            }
+        }
+        self.broken("worker left");
+    }
+
+    /// Opens the stream if it is not open.
+    async fn connect(&mut self) -> Result<(), ApiError> {
+        if self.out.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        match self.client.run_stream(outbound).await {
+            Ok(response) => {
+                self.out = Some(tx);
+                self.inbound = Some(response.into_inner());
+                tracing::debug!(worker_id = self.worker_id, "run stream open");
+                Ok(())
+            }
+            Err(status) => Err(ApiError::new(
+                match status.code() {
+                    // An unreachable worker: the router may try another replica.
+                    tonic::Code::Unavailable | tonic::Code::Unknown => ErrorCode::Unavailable,
+                    code => ErrorCode::from_grpc(code),
+                },
+                format!(
+                    "worker \"{}\": cannot open run stream: {}",
+                    self.worker_id,
+                    status.message()
+                ),
+            )),
+        }
+    }
+
+    async fn send(&mut self, requests: Vec<Request>) {
+        if let Err(e) = self.connect().await {
+            for r in requests {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        // Consecutive frames with the same segments share a message.
+        let mut batches: Vec<(pb::RunBatch, Vec<Reply>)> = Vec::new();
+        let mut last: Option<Arc<[pb::SegmentRun]>> = None;
+        for r in requests {
+            if r.reply.is_closed() {
+                continue;
+            }
+            let same = last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &r.segments));
+            if !same {
+                let id = self.next_batch;
+                self.next_batch += 1;
+                batches.push((
+                    pb::RunBatch {
+                        batch_id: id,
+                        model_hash: self.model_hash.clone(),
+                        segments: r.segments.to_vec(),
+                        features: Vec::new(),
+                    },
+                    Vec::new(),
+                ));
+                last = Some(r.segments.clone());
+            }
+            if let Some((batch, replies)) = batches.last_mut() {
+                batch.features.push(r.features);
+                replies.push(r.reply);
+            }
+        }
+        for (batch, replies) in batches {
+            let id = batch.batch_id;
+            let sent = self.out.as_ref().is_some_and(|out| out.send(batch).is_ok());
+            if sent {
+                self.pending.insert(id, replies);
+            } else {
+                let e = self.unavailable("run stream closed");
+                for r in replies {
+                    let _ = r.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Hands each frame of a result its logits or its error.
+    fn answer(&mut self, result: pb::RunBatchResult) {
+        let Some(mut replies) = self.pending.remove(&result.batch_id) else {
+            tracing::warn!(
+                worker_id = self.worker_id,
+                batch_id = result.batch_id,
+                "result for an unknown batch ignored"
+            );
+            return;
+        };
+        let n = replies.len();
+        let mut answers: Vec<Option<Result<FrameLogits, ApiError>>> = vec![None; n];
+        match self.split(&result, n) {
+            Ok(per_row) => {
+                for (row, logits) in result.rows.iter().zip(per_row) {
+                    answers[*row as usize] = Some(Ok(logits));
+                }
+                for e in &result.errors {
+                    answers[e.index as usize] = Some(Err(ApiError::new(
+                        ErrorCode::from_grpc(tonic::Code::from(e.code)),
+                        format!("worker \"{}\": {}", self.worker_id, e.message),
+                    )));
+                }
+            }
+            Err(message) => {
+                let e = ApiError::new(
+                    ErrorCode::Internal,
+                    format!("worker \"{}\" answered badly: {message}", self.worker_id),
+                );
+                answers.iter_mut().for_each(|a| *a = Some(Err(e.clone())));
+            }
+        }
+        for (reply, answer) in replies.drain(..).zip(answers) {
+            let answer = answer.unwrap_or_else(|| {
+                Err(ApiError::new(
+                    ErrorCode::Internal,
+                    format!("worker \"{}\" left a frame unanswered", self.worker_id),
+                ))
+            });
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Checks a result's shape against the batch of `n` frames and splits its logits by row.
+    fn split(&self, result: &pb::RunBatchResult, n: usize) -> Result<Vec<FrameLogits>, String> {
+        let mut seen = vec![false; n];
+        for &i in result
+            .rows
+            .iter()
+            .chain(result.errors.iter().map(|e| &e.index))
+        {
+            let slot = seen
+                .get_mut(i as usize)
+                .ok_or_else(|| format!("frame index {i} out of range (batch of {n})"))?;
+            if std::mem::replace(slot, true) {
+                return Err(format!("frame {i} answered twice"));
+            }
+        }
+        let rows = result.rows.len();
+        let mut per_row: Vec<FrameLogits> = vec![Vec::new(); rows];
+        for out in &result.outputs {
+            let k = out.categories.len();
+            if out.logits.len() != rows * k {
+                return Err(format!(
+                    "segment \"{}\" has {} logits for {rows} frames of {k} categories",
+                    out.segment_id,
+                    out.logits.len()
+                ));
+            }
+            for (r, row) in per_row.iter_mut().enumerate() {
+                row.extend(
+                    out.categories
+                        .iter()
+                        .copied()
+                        .zip(out.logits[r * k..(r + 1) * k].iter().copied()),
+                );
+            }
+        }
+        Ok(per_row)
+    }
+
+    fn unavailable(&self, why: &str) -> ApiError {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("worker \"{}\": {why}", self.worker_id),
+        )
+    }
+
+    /// Drops the stream and fails every frame in flight on it.
+    fn broken(&mut self, why: &str) {
+        if self.out.is_some() || !self.pending.is_empty() {
+            tracing::warn!(
+                worker_id = self.worker_id,
+                in_flight = self.pending.values().map(Vec::len).sum::<usize>(),
+                why,
+                "run stream broken"
+            );
+        }
+        self.out = None;
+        self.inbound = None;
+        let e = self.unavailable(why);
+        for (_, replies) in self.pending.drain() {
+            for r in replies {
+                let _ = r.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// The next result of an open stream; pending forever when there is none.
+async fn next_result(
+    inbound: &mut Option<tonic::Streaming<pb::RunBatchResult>>,
+) -> Option<Result<pb::RunBatchResult, tonic::Status>> {
+    match inbound {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
