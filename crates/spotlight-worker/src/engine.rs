@@ -113,10 +113,10 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, job: Job) -> Result<(), (Job, EngineError)> {
+    fn push(&self, job: Job) -> Result<(), Box<(Job, EngineError)>> {
         let mut s = self.lock();
         if s.closed {
-            return Err((job, EngineError::Closed));
+            return Err(Box::new((job, EngineError::Closed)));
         }
         let n = job.frames.len();
         if s.frames > 0 && s.frames + n > self.capacity {
@@ -124,7 +124,7 @@ impl Queue {
                 queued: s.frames,
                 capacity: self.capacity,
             };
-            return Err((job, err));
+            return Err(Box::new((job, err)));
         }
         s.frames += n;
         s.jobs.push_back((Instant::now(), job));
@@ -351,7 +351,8 @@ impl Engine {
             errors,
             reply,
         };
-        if let Err((job, e)) = self.queue.push(job) {
+        if let Err(refused) = self.queue.push(job) {
+            let (job, e) = *refused;
             self.rejected
                 .fetch_add(job.frames.len() as u64, Ordering::Relaxed);
             tracing::debug!(error = %e, "batch refused");

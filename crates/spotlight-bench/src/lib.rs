@@ -1,0 +1,3 @@
+//! `spotlight bench`: every scenario on the same images and cores in one run.
+
+pub mod stub;

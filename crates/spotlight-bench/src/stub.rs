@@ -1,0 +1,1 @@
+//! Stub workers (written by a helper).
