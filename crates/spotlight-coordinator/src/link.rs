@@ -296,7 +296,7 @@ impl LinkTask {
 
     /// Drops the stream and fails every frame in flight on it.
     fn broken(&mut self, why: &str) {
-        if self.out.is_some() || !self.pending.is_empty() {
+        if !self.pending.is_empty() {
             tracing::warn!(
                 worker_id = self.worker_id,
                 in_flight = self.pending.values().map(Vec::len).sum::<usize>(),

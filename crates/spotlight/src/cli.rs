@@ -37,6 +37,32 @@ pub enum Command {
     Task(TaskArgs),
     /// Show a model's segment tree and what a task keeps and excludes.
     Inspect(InspectArgs),
+    /// Measure the split path beside the monolithic model in one run: peer, cloud roles as
+    /// separate processes (CPU per frame), every role in one process, routing capacity.
+    /// Writes results.json, SVG plots and a Markdown report.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Frames per loaded scenario.
+    #[arg(long, default_value_t = 4000)]
+    pub frames: usize,
+    /// Frames per one-in-flight (latency) scenario.
+    #[arg(long, default_value_t = 1000)]
+    pub latency_frames: usize,
+    /// Fewer sweep points (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory for results.json and the SVG plots.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Markdown report (default: <out>/benchmarks.md).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Fashion-MNIST directory (idx .gz files).
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub dataset: PathBuf,
 }
 
 #[derive(Debug, Args)]

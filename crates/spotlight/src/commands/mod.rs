@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 mod inspect;
 mod roles;
 mod task;
@@ -26,7 +27,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Edge(a) => roles::edge_overrides(a),
         Command::Coordinator(a) => roles::coordinator_overrides(a),
         Command::Worker(a) => roles::worker_overrides(a),
-        Command::Task(_) | Command::Inspect(_) => Vec::new(),
+        Command::Task(_) | Command::Inspect(_) | Command::Bench(_) => Vec::new(),
     };
     overrides.extend(command_overrides);
     let sources = Sources {
@@ -36,7 +37,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     };
     let settings = Settings::load(&sources).map_err(anyhow::Error::msg)?;
     let default_filter = match cli.command {
-        Command::Up(_) | Command::Task(_) | Command::Inspect(_) => "warn",
+        Command::Up(_) | Command::Task(_) | Command::Inspect(_) | Command::Bench(_) => "warn",
         _ => "info",
     };
     crate::telemetry::init(&settings.log, default_filter);
@@ -47,6 +48,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(_) => roles::worker(settings).await,
         Command::Task(a) => task::run(a).await,
         Command::Inspect(a) => inspect::run(settings, a),
+        Command::Bench(a) => bench::run(settings, a).await,
     }
 }
 

@@ -1,0 +1,386 @@
+//! The cloud roles as separate processes (the `spotlight` binary's `coordinator` and
+//! `worker` subcommands on loopback), and a client that streams precomputed frames to them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use spotlight_proto::v1 as pb;
+use spotlight_proto::v1::cloud_message::Kind;
+use spotlight_proto::v1::control_client::ControlClient;
+use spotlight_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+use crate::Measured;
+
+/// What to start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSpec {
+    /// Workers per top-level branch.
+    pub replicas: usize,
+    /// Worker `max_batch`.
+    pub max_batch: usize,
+    /// Worker `max_queue_delay_us`.
+    pub max_queue_delay_us: u64,
+    /// Stub workers in this process instead of worker processes.
+    pub stub: bool,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            max_batch: 64,
+            max_queue_delay_us: 0,
+            stub: false,
+        }
+    }
+}
+
+/// A coordinator process and its workers.
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub grpc: SocketAddr,
+    coordinator: Child,
+    workers: Vec<(String, Child)>,
+    stubs: Vec<crate::stub::StubWorker>,
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+fn spawn(exe: &Path, args: &[String], env: &[(&str, String)], log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .env("ORT_DISABLE_TELEMETRY", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {} {}", exe.display(), args.join(" ")))
+}
+
+impl Cluster {
+    /// Starts a coordinator and `replicas` workers per top-level branch, and waits until
+    /// every worker is registered.
+    pub async fn start(
+        exe: &Path,
+        model: &Arc<spotlight_model::Model>,
+        logs: &Path,
+        spec: ClusterSpec,
+    ) -> anyhow::Result<Self> {
+        let model_dir = model.dir().display().to_string();
+        let grpc = free_port()?;
+        let http = free_port()?;
+        let coordinator = spawn(
+            exe,
+            &[
+                "--model".into(),
+                model_dir.clone(),
+                "coordinator".into(),
+                "--grpc-listen".into(),
+                grpc.to_string(),
+                "--http-listen".into(),
+                http.to_string(),
+            ],
+            &[],
+            &logs.join("coordinator.log"),
+        )?;
+        let mut cluster = Cluster {
+            spec: spec.clone(),
+            grpc,
+            coordinator,
+            workers: Vec::new(),
+            stubs: Vec::new(),
+        };
+        let roots: Vec<String> = model
+            .segments()
+            .iter()
+            .filter(|s| s.parent.is_none())
+            .map(|s| s.id.clone())
+            .collect();
+        let library = spotlight_runtime::resolve_library(None)?;
+        let coordinator_url = format!("http://{grpc}");
+        // The coordinator must be up before workers register.
+        let mut control = connect_control(grpc).await?;
+        for root in &roots {
+            for r in 0..spec.replicas {
+                let id = format!("{root}-{r}");
+                if spec.stub {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let stub = crate::stub::StubWorker::start(
+                        model.clone(),
+                        coordinator_url.clone(),
+                        id,
+                        vec![root.clone()],
+                        listener,
+                    )
+                    .await?;
+                    cluster.stubs.push(stub);
+                } else {
+                    let child = spawn(
+                        exe,
+                        &[
+                            "--model".into(),
+                            model_dir.clone(),
+                            "worker".into(),
+                            "--coordinator".into(),
+                            coordinator_url.clone(),
+                            "--listen".into(),
+                            free_port()?.to_string(),
+                            "--id".into(),
+                            id.clone(),
+                            "--branches".into(),
+                            root.clone(),
+                        ],
+                        &[
+                            ("ORT_DYLIB_PATH", library.display().to_string()),
+                            ("SPOTLIGHT_WORKER__MAX_BATCH", spec.max_batch.to_string()),
+                            (
+                                "SPOTLIGHT_WORKER__MAX_QUEUE_DELAY_US",
+                                spec.max_queue_delay_us.to_string(),
+                            ),
+                        ],
+                        &logs.join(format!("worker-{id}.log")),
+                    )?;
+                    cluster.workers.push((id, child));
+                }
+            }
+        }
+        let expected = roots.len() * spec.replicas;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let live = control
+                .list_workers(pb::ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers
+                .len();
+            if live == expected {
+                break;
+            }
+            for (id, child) in &mut cluster.workers {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "worker {id} exited with {status}; see {}",
+                        logs.join(format!("worker-{id}.log")).display()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("only {live} of {expected} workers registered within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(cluster)
+    }
+
+    /// (role, pid) of every cloud process.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut pids = vec![("coordinator".to_string(), self.coordinator.id())];
+        pids.extend(
+            self.workers
+                .iter()
+                .map(|(id, c)| (format!("worker {id}"), c.id())),
+        );
+        pids
+    }
+
+    /// Replaces the task.
+    pub async fn set_task(&self, categories: &[String]) -> anyhow::Result<()> {
+        connect_control(self.grpc)
+            .await?
+            .set_task(pb::SetTaskRequest {
+                categories: categories.to_vec(),
+                gains: Default::default(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Frames the stub workers answered.
+    pub fn stub_frames(&self) -> u64 {
+        self.stubs.iter().map(|s| s.frames()).sum()
+    }
+
+    /// Stops every process.
+    pub async fn stop(mut self) {
+        for s in std::mem::take(&mut self.stubs) {
+            s.stop().await;
+        }
+        for (_, c) in &mut self.workers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.workers {
+            let _ = c.kill();
+        }
+        let _ = self.coordinator.kill();
+    }
+}
+
+async fn connect_control(grpc: SocketAddr) -> anyhow::Result<ControlClient<Channel>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ControlClient::connect(format!("http://{grpc}")).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context(format!("coordinator at {grpc} did not come up"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// How a client loads the cloud.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Concurrent streams.
+    pub streams: usize,
+    /// Frames in flight per stream.
+    pub window: usize,
+    /// Frames in all.
+    pub frames: usize,
+}
+
+/// Streams `load.frames` frames (cycling through `tensors`) to the coordinator at `grpc`
+/// and measures what comes back; `cpu_of` names the processes whose CPU time counts.
+pub async fn drive(
+    grpc: SocketAddr,
+    model_hash: &str,
+    tensors: Arc<Vec<pb::FeatureTensor>>,
+    load: Load,
+    cpu_of: Vec<(String, u32)>,
+) -> anyhow::Result<Measured> {
+    let streams = load.streams.max(1);
+    let mut tasks = Vec::new();
+    let meter = crate::cpu::CpuMeter::start(cpu_of);
+    for s in 0..streams {
+        let count = load.frames / streams + usize::from(s < load.frames % streams);
+        let tensors = tensors.clone();
+        let hash = model_hash.to_string();
+        let window = load.window.max(1);
+        tasks.push(tokio::spawn(async move {
+            one_stream(grpc, hash, tensors, s, count, window).await
+        }));
+    }
+    let mut latencies = Vec::with_capacity(load.frames);
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks {
+        let (l, e) = t.await.context("stream task")??;
+        latencies.extend(l);
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    let (cpu, wall) = meter.stop();
+    let mut m = Measured::new(load.frames, wall, latencies);
+    m.errors = errors;
+    m.cpu = cpu;
+    m.bytes_per_frame = Some(wire_bytes(&tensors[0]) as f64);
+    Ok(m)
+}
+
+/// Bytes of one frame message on the wire (protobuf, before HTTP/2 and gRPC framing).
+pub fn wire_bytes(t: &pb::FeatureTensor) -> usize {
+    use prost::Message;
+    pb::EdgeMessage {
+        kind: Some(pb::edge_message::Kind::Frame(pb::Frame {
+            seq: 1_000_000,
+            features: Some(t.clone()),
+        })),
+    }
+    .encoded_len()
+}
+
+type StreamOutcome = (Vec<f64>, HashMap<String, usize>);
+
+async fn one_stream(
+    grpc: SocketAddr,
+    hash: String,
+    tensors: Arc<Vec<pb::FeatureTensor>>,
+    offset: usize,
+    count: usize,
+    window: usize,
+) -> anyhow::Result<StreamOutcome> {
+    let mut client = InferenceClient::connect(format!("http://{grpc}"))
+        .await?
+        .max_decoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(window + 2);
+    tx.send(pb::EdgeMessage {
+        kind: Some(pb::edge_message::Kind::Hello(pb::Hello {
+            model_hash: hash,
+            edge_id: format!("bench-{offset}"),
+        })),
+    })
+    .await?;
+    let mut inbound = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    match inbound.message().await?.and_then(|m| m.kind) {
+        Some(Kind::Ready(_)) => {}
+        other => bail!("expected ready, got {other:?}"),
+    }
+    let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(window * 2);
+    let mut latencies = Vec::with_capacity(count);
+    let mut errors: HashMap<String, usize> = HashMap::new();
+    let (mut next, mut done) = (0usize, 0usize);
+    while done < count {
+        while next < count && next - done < window {
+            let t = &tensors[(offset + next * 7919) % tensors.len()];
+            sent_at.insert(next as u64, Instant::now());
+            tx.send(pb::EdgeMessage {
+                kind: Some(pb::edge_message::Kind::Frame(pb::Frame {
+                    seq: next as u64,
+                    features: Some(t.clone()),
+                })),
+            })
+            .await?;
+            next += 1;
+        }
+        let msg = tokio::time::timeout(Duration::from_secs(60), inbound.message())
+            .await
+            .context("no answer within 60 s")??
+            .context("stream closed early")?;
+        let seq = match msg.kind {
+            Some(Kind::Prediction(p)) => p.seq,
+            Some(Kind::Error(e)) => {
+                let code = format!("{:?}", tonic::Code::from(e.code));
+                *errors.entry(code).or_default() += 1;
+                e.seq
+            }
+            other => bail!("unexpected answer {other:?}"),
+        };
+        if let Some(t) = sent_at.remove(&seq) {
+            latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        done += 1;
+    }
+    Ok((latencies, errors))
+}
+
+/// Where process logs go.
+pub fn log_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("spotlight-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,488 @@
+//! `results.json`, SVG bar charts and the Markdown report, all from one [`Results`].
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::{BenchOptions, Measured, Results, Row};
+
+/// A target, its measured value and whether it was met.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Target {
+    pub id: String,
+    pub what: String,
+    pub measured: f64,
+    pub limit: f64,
+    /// `measured <= limit` (or `>=` where `at_least`).
+    pub at_least: bool,
+    pub unit: String,
+}
+
+impl Target {
+    pub fn met(&self) -> bool {
+        if self.at_least {
+            self.measured >= self.limit
+        } else {
+            self.measured <= self.limit
+        }
+    }
+}
+
+fn find<'a>(r: &'a Results, name: &str) -> Option<&'a Row> {
+    r.rows.iter().find(|x| x.name == name)
+}
+
+/// Whole-model MACs per frame (backbone + every segment), from the peer rows.
+fn whole_macs(r: &Results) -> f64 {
+    find(r, "peer batch 1")
+        .and_then(|p| p.measured.cloud_macs)
+        .unwrap_or(0) as f64
+}
+
+/// Cloud CPU ms per frame of a cloud row: coordinator + workers.
+fn cloud_cpu(m: &Measured) -> f64 {
+    m.total_cpu_ms_per_frame()
+}
+
+/// The issue's targets, computed from the rows.
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut t = Vec::new();
+    let s = &r.stages;
+    if s.cloud_e2e_p50_us > 0.0 {
+        t.push(Target {
+            id: "P1".into(),
+            what: "per-frame overhead at window 1, p50 (end-to-end − decode − segment compute)"
+                .into(),
+            measured: s.overhead_p50_us() / 1e3,
+            limit: 0.25,
+            at_least: false,
+            unit: "ms".into(),
+        });
+        t.push(Target {
+            id: "P1".into(),
+            what: "per-frame overhead at window 1, p99".into(),
+            measured: s.overhead_p99_us() / 1e3,
+            limit: 1.0,
+            at_least: false,
+            unit: "ms".into(),
+        });
+    }
+    let peer_best = r
+        .rows
+        .iter()
+        .filter(|x| x.section == "peer")
+        .map(|x| x.measured.frames_per_s)
+        .fold(0.0, f64::max);
+    if let Some(split) = find(r, "split task 0") {
+        t.push(Target {
+            id: "P2".into(),
+            what: "split path frames/s, all roles in one process, all categories, ÷ best peer frames/s".into(),
+            measured: split.measured.frames_per_s / peer_best.max(1e-9),
+            limit: 0.90,
+            at_least: true,
+            unit: "×".into(),
+        });
+    }
+    let whole = whole_macs(r);
+    for row in r
+        .rows
+        .iter()
+        .filter(|x| x.section == "cloud" && x.name.starts_with("cloud task "))
+    {
+        let macs = row.measured.cloud_macs.unwrap_or(0) as f64;
+        let limit = 1.1 * macs / whole.max(1.0);
+        let task = row.params.get("task").cloned().unwrap_or_default();
+        for peer in ["peer batch 1", "peer batch 64"] {
+            if let Some(p) = find(r, peer) {
+                let peer_cpu = p.measured.total_cpu_ms_per_frame();
+                t.push(Target {
+                    id: "P3".into(),
+                    what: format!(
+                        "cloud CPU/frame, {task} (cloud MACs {:.2} of the model), ÷ {peer} CPU/frame",
+                        macs / whole.max(1.0)
+                    ),
+                    measured: cloud_cpu(&row.measured) / peer_cpu.max(1e-9),
+                    limit,
+                    at_least: false,
+                    unit: "×".into(),
+                });
+            }
+        }
+    }
+    if let Some(router) = find(r, "router all") {
+        let coord = router.measured.cpu_ms_per_frame(|n| n == "coordinator");
+        t.push(Target {
+            id: "P5".into(),
+            what: "coordinator routing capacity with stub workers (frames per CPU-second)".into(),
+            measured: 1e3 / coord.max(1e-9),
+            limit: 20_000.0,
+            at_least: true,
+            unit: "frames/s/core".into(),
+        });
+    }
+    t
+}
+
+/// Writes `results.json`, the plots and the Markdown report.
+pub fn write_all(r: &Results, opts: &BenchOptions, command: &str) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let mut written = Vec::new();
+    let json = opts.out.join("results.json");
+    let value = serde_json::json!({ "results": r, "targets": targets(r) });
+    std::fs::write(&json, serde_json::to_string_pretty(&value)?)?;
+    written.push(json);
+    for (file, svg) in plots(r) {
+        let path = opts.out.join(file);
+        std::fs::write(&path, svg)?;
+        written.push(path);
+    }
+    if let Some(parent) = opts.markdown.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&opts.markdown, markdown(r, opts, command))?;
+    written.push(opts.markdown.clone());
+    Ok(written)
+}
+
+/// `to` relative to the directory of `from` where `to` lies under it.
+fn relative(from: &Path, to: &Path) -> String {
+    let base = from.parent().unwrap_or(Path::new(""));
+    to.strip_prefix(base).unwrap_or(to).display().to_string()
+}
+
+fn f(x: f64, digits: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.digits$}")
+    } else {
+        "–".into()
+    }
+}
+
+fn params(row: &Row, keys: &[&str]) -> String {
+    keys.iter()
+        .filter_map(|k| row.params.get(*k).map(|v| format!("{k} {v}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The Markdown report.
+pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
+    let mut md = String::new();
+    let m = &r.machine;
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Every figure below comes from one run of `{command}` (written by it; do not edit by hand). \
+         Machine: {} cores, {}, Linux {}. Model `{}` ({}), {} Fashion-MNIST test images. \
+         CPU time is read from the OS (`/proc/<pid>/stat`, user + system, 10 ms ticks) per process; \
+         the machine may be shared, so compare figures of the same run.\n",
+        m.cores, m.cpu_model, m.kernel, r.model, r.model_hash, r.images
+    );
+    let _ = writeln!(
+        md,
+        "## Targets\n\n| target | what | measured | limit | met |\n|---|---|---:|---:|---|"
+    );
+    for t in targets(r) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} {} | {} {} {} | {} |",
+            t.id,
+            t.what,
+            f(t.measured, 3),
+            t.unit,
+            if t.at_least { "≥" } else { "≤" },
+            f(t.limit, 3),
+            t.unit,
+            if t.met() { "yes" } else { "**no**" }
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## Cloud CPU per frame (the saving users come for)\n\n\
+         Coordinator and workers as separate processes on loopback; a client sends precomputed \
+         int8 backbone features (its own CPU is not counted). The peer runs `full.onnx` (backbone \
+         and every branch) from raw image to prediction on every core; its CPU is the whole \
+         process's.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | parameters | frames/s | p50 ms | p99 ms | CPU ms/frame | of which coordinator | workers | MACs/frame (M) | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in r
+        .rows
+        .iter()
+        .filter(|x| x.section == "peer" || x.section == "cloud")
+    {
+        let mm = &row.measured;
+        let coord = mm.cpu_ms_per_frame(|n| n == "coordinator");
+        let workers = mm.cpu_ms_per_frame(|n| n.starts_with("worker"));
+        let is_peer = row.section == "peer";
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.name,
+            params(
+                row,
+                &[
+                    "task",
+                    "batch",
+                    "threads",
+                    "streams",
+                    "window",
+                    "codec",
+                    "worker max_batch",
+                    "queue delay us",
+                    "replicas"
+                ]
+            ),
+            f(mm.frames_per_s, 0),
+            f(mm.p50_ms, 2),
+            f(mm.p99_ms, 2),
+            f(mm.total_cpu_ms_per_frame(), 3),
+            if is_peer { "–".into() } else { f(coord, 3) },
+            if is_peer { "–".into() } else { f(workers, 3) },
+            f(mm.cloud_macs.unwrap_or(0) as f64 / 1e6, 2),
+            mm.error_count()
+        );
+    }
+    let s = &r.stages;
+    let _ = writeln!(
+        md,
+        "\n## One frame, stage by stage\n\nEach compute stage measured alone on one thread (median µs); the cloud's end-to-end \
+         time comes from the `cloud window 1` scenario (one frame in flight). Overhead = end-to-end − decode − segment compute: \
+         transport (two gRPC hops each way over loopback), routing, the worker's queue, and merge.\n\n\
+         | stage | µs |\n|---|---:|\n\
+         | edge: preprocess | {} |\n| edge: backbone (batch 1) | {} |\n| edge: int8 encode | {} |\n\
+         | worker: int8 decode | {} |\n| worker: segments, all categories (batch 1) | {} |\n\
+         | worker: segments, all categories (batch 64, per frame) | {} |\n\
+         | cloud end-to-end, p50 | {} |\n| cloud end-to-end, p99 | {} |\n\
+         | **overhead, p50** | {} |\n| **overhead, p99** | {} |",
+        f(s.preprocess_us, 1),
+        f(s.backbone_us, 1),
+        f(s.encode_us, 1),
+        f(s.decode_us, 1),
+        f(s.segments_us, 1),
+        f(s.segments_batched_us, 1),
+        f(s.cloud_e2e_p50_us, 1),
+        f(s.cloud_e2e_p99_us, 1),
+        f(s.overhead_p50_us(), 1),
+        f(s.overhead_p99_us(), 1),
+    );
+
+    let _ = writeln!(
+        md,
+        "\n## Whole split path, every role in one process\n\nRaw test images through the edge agent \
+         (preprocess, backbone, int8 encode, gRPC stream), coordinator and a worker per branch, \
+         all in one process on the same cores as the peer above. CPU is the whole process's.\n\n\
+         | scenario | parameters | frames/s | ÷ best peer | p50 ms | p99 ms | CPU ms/frame | bytes/frame | accuracy | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let peer_best = r
+        .rows
+        .iter()
+        .filter(|x| x.section == "peer")
+        .map(|x| x.measured.frames_per_s)
+        .fold(0.0, f64::max);
+    for row in r
+        .rows
+        .iter()
+        .filter(|x| x.section == "split" || x.section == "peer")
+    {
+        let mm = &row.measured;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.name,
+            params(
+                row,
+                &[
+                    "task",
+                    "batch",
+                    "threads",
+                    "window",
+                    "codec",
+                    "backbone threads"
+                ]
+            ),
+            f(mm.frames_per_s, 0),
+            f(mm.frames_per_s / peer_best.max(1e-9), 2),
+            f(mm.p50_ms, 2),
+            f(mm.p99_ms, 2),
+            f(mm.total_cpu_ms_per_frame(), 3),
+            mm.bytes_per_frame.map_or("–".into(), |b| f(b, 0)),
+            mm.accuracy
+                .map_or("–".into(), |a| format!("{} %", f(100.0 * a, 2))),
+            mm.error_count()
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## Routing capacity (stub workers)\n\nThe coordinator process against stub workers in the bench process that \
+         answer at once with zero logits: what routing alone costs.\n\n\
+         | scenario | parameters | frames/s | coordinator CPU ms/frame | frames per coordinator CPU-second | errors |\n|---|---|---:|---:|---:|---:|"
+    );
+    for row in r.rows.iter().filter(|x| x.section == "router") {
+        let mm = &row.measured;
+        let c = mm.cpu_ms_per_frame(|n| n == "coordinator");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            row.name,
+            params(row, &["task", "streams", "window"]),
+            f(mm.frames_per_s, 0),
+            f(c, 4),
+            f(1e3 / c.max(1e-9), 0),
+            mm.error_count()
+        );
+    }
+    let _ = writeln!(md, "\n## Plots\n");
+    for (file, _) in plots(r) {
+        let _ = writeln!(
+            md,
+            "![{file}]({})\n",
+            relative(&opts.markdown, &opts.out.join(&file))
+        );
+    }
+    let _ = writeln!(
+        md,
+        "## Reproduce\n\n```sh\nmake bench        # = cargo build --release && {command}\n```\n\n\
+         `spotlight bench --help` lists the options (`--frames`, `--quick`, `--out`, `--markdown`). \
+         Raw figures: `results.json` beside the plots. Criterion micro-benchmarks: \
+         `cargo bench -p spotlight-tests --bench codecs` and `--bench router`."
+    );
+    md
+}
+
+/// (file name, SVG) of each plot.
+pub fn plots(r: &Results) -> Vec<(String, String)> {
+    let cpu: Vec<(String, f64)> = r
+        .rows
+        .iter()
+        .filter(|x| {
+            x.section == "peer"
+                || x.name.starts_with("cloud task ")
+                || x.name.starts_with("cloud worker batch")
+        })
+        .map(|x| {
+            let label = match x.params.get("task") {
+                Some(t) if x.name.starts_with("cloud task") => format!("cloud, {t}"),
+                _ => x.name.clone(),
+            };
+            (label, x.measured.total_cpu_ms_per_frame())
+        })
+        .collect();
+    let fps: Vec<(String, f64)> = r
+        .rows
+        .iter()
+        .filter(|x| x.section == "peer" || x.section == "split")
+        .map(|x| (x.name.clone(), x.measured.frames_per_s))
+        .collect();
+    let sweep: Vec<(String, f64)> = r
+        .rows
+        .iter()
+        .filter(|x| x.section == "cloud")
+        .map(|x| (x.name.clone(), x.measured.p99_ms))
+        .collect();
+    vec![
+        (
+            "cpu_per_frame.svg".into(),
+            bar_chart(
+                "Cloud CPU per frame (ms): split cloud vs the whole model",
+                &cpu,
+            ),
+        ),
+        (
+            "throughput.svg".into(),
+            bar_chart(
+                "Frames per second: peer vs the whole split path in one process",
+                &fps,
+            ),
+        ),
+        (
+            "cloud_p99.svg".into(),
+            bar_chart("Cloud p99 latency (ms) per scenario", &sweep),
+        ),
+    ]
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A horizontal bar chart.
+pub fn bar_chart(title: &str, bars: &[(String, f64)]) -> String {
+    let (left, width, bar_h, gap, top) = (300.0, 420.0, 18.0, 6.0, 40.0);
+    let max = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        .max(1e-12);
+    let height = top + bars.len() as f64 * (bar_h + gap) + 20.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
+        w = left + width + 90.0
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="10" y="22" font-size="14" font-weight="bold">{}</text>"#,
+        escape(title)
+    );
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = top + i as f64 * (bar_h + gap);
+        let w = if v.is_finite() { v / max * width } else { 0.0 };
+        let _ = writeln!(
+            svg,
+            r#"<text x="{lx}" y="{ty}" text-anchor="end">{}</text><rect x="{left}" y="{y}" width="{w:.1}" height="{bar_h}" fill="steelblue"/><text x="{vx:.1}" y="{ty}">{}</text>"#,
+            escape(label),
+            f(*v, 3),
+            lx = left - 6.0,
+            ty = y + 13.0,
+            vx = left + w + 4.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bar_chart_scales_bars_to_the_largest_value() {
+        let svg = bar_chart(
+            "t <1>",
+            &[("a".into(), 1.0), ("b".into(), 2.0), ("c".into(), f64::NAN)],
+        );
+        assert!(svg.contains("t &lt;1&gt;"));
+        assert!(svg.contains(r#"width="210.0""#), "{svg}");
+        assert!(svg.contains(r#"width="420.0""#), "{svg}");
+        assert!(svg.contains(r#"width="0.0""#), "{svg}");
+        assert!(svg.contains(">–<"), "{svg}");
+    }
+
+    #[test]
+    fn targets_compare_in_the_right_direction() {
+        let t = |measured, at_least| Target {
+            id: "x".into(),
+            what: String::new(),
+            measured,
+            limit: 1.0,
+            at_least,
+            unit: String::new(),
+        };
+        assert!(t(0.5, false).met());
+        assert!(!t(1.5, false).met());
+        assert!(t(1.5, true).met());
+        assert!(!t(0.5, true).met());
+    }
+}

@@ -1,0 +1,412 @@
+//! The scenario list and its execution, with a progress bar.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use spotlight_codec::Codec;
+use spotlight_model::{Model, preprocess};
+use spotlight_proto::v1 as pb;
+use spotlight_runtime::BackboneSession;
+
+use crate::cloud::{Cluster, ClusterSpec, Load};
+use crate::inproc::EdgeLoad;
+use crate::{BenchOptions, Machine, Measured, Results, Row, codec_name, cores, task_sets};
+
+/// One thing to measure.
+enum Scenario {
+    Peer {
+        batch: usize,
+    },
+    Stages,
+    Cloud {
+        spec: ClusterSpec,
+        task: usize,
+        load: Load,
+        codec: Codec,
+        name: String,
+    },
+    Split {
+        task: usize,
+        load: EdgeLoad,
+        name: String,
+    },
+}
+
+fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
+    let n = opts.frames;
+    let cloud = |spec: ClusterSpec, task: usize, streams, window, codec, frames, name: String| {
+        Scenario::Cloud {
+            spec,
+            task,
+            load: Load {
+                streams,
+                window,
+                frames,
+            },
+            codec,
+            name,
+        }
+    };
+    let default = ClusterSpec::default();
+    let mut s = vec![
+        Scenario::Peer { batch: 1 },
+        Scenario::Peer { batch: 64 },
+        Scenario::Stages,
+    ];
+    // The P3 rows: every task set under load.
+    for t in 0..tasks {
+        s.push(cloud(
+            default.clone(),
+            t,
+            8,
+            64,
+            Codec::Int8,
+            n,
+            format!("cloud task {t}"),
+        ));
+    }
+    s.push(cloud(
+        default.clone(),
+        0,
+        1,
+        1,
+        Codec::Int8,
+        opts.latency_frames,
+        "cloud window 1".into(),
+    ));
+    if !opts.quick {
+        for w in [8, 64, 256] {
+            s.push(cloud(
+                default.clone(),
+                0,
+                1,
+                w,
+                Codec::Int8,
+                n,
+                format!("cloud window {w}"),
+            ));
+        }
+        for streams in [1, 4, 16, 64] {
+            s.push(cloud(
+                default.clone(),
+                0,
+                streams,
+                16,
+                Codec::Int8,
+                n,
+                format!("cloud streams {streams}"),
+            ));
+        }
+        for codec in [Codec::F32, Codec::F16] {
+            s.push(cloud(
+                default.clone(),
+                0,
+                8,
+                64,
+                codec,
+                n,
+                format!("cloud codec {}", codec_name(codec)),
+            ));
+        }
+    }
+    let batches: &[usize] = if opts.quick { &[1] } else { &[1, 8, 256] };
+    for &b in batches {
+        let spec = ClusterSpec {
+            max_batch: b,
+            ..ClusterSpec::default()
+        };
+        s.push(cloud(
+            spec,
+            0,
+            8,
+            64,
+            Codec::Int8,
+            n,
+            format!("cloud worker batch {b}"),
+        ));
+    }
+    if !opts.quick {
+        let spec = ClusterSpec {
+            max_queue_delay_us: 500,
+            ..ClusterSpec::default()
+        };
+        s.push(cloud(
+            spec,
+            0,
+            8,
+            64,
+            Codec::Int8,
+            n,
+            "cloud queue delay 500us".into(),
+        ));
+        let spec = ClusterSpec {
+            replicas: 2,
+            ..ClusterSpec::default()
+        };
+        s.push(cloud(
+            spec,
+            0,
+            8,
+            64,
+            Codec::Int8,
+            n,
+            "cloud replicas 2".into(),
+        ));
+    }
+    let stub = ClusterSpec {
+        stub: true,
+        ..ClusterSpec::default()
+    };
+    s.push(cloud(
+        stub.clone(),
+        0,
+        8,
+        128,
+        Codec::Int8,
+        n * 2,
+        "router all".into(),
+    ));
+    if !opts.quick {
+        s.push(cloud(
+            stub,
+            1,
+            8,
+            128,
+            Codec::Int8,
+            n * 2,
+            "router one group".into(),
+        ));
+    }
+    // Every role in one process, from raw images.
+    let edge = |window, backbone_threads, frames| EdgeLoad {
+        frames,
+        window,
+        codec: Codec::Int8,
+        backbone_threads,
+    };
+    for t in 0..tasks {
+        s.push(Scenario::Split {
+            task: t,
+            load: edge(64, 1, n),
+            name: format!("split task {t}"),
+        });
+    }
+    s.push(Scenario::Split {
+        task: 0,
+        load: edge(1, 1, opts.latency_frames),
+        name: "split window 1".into(),
+    });
+    if !opts.quick {
+        s.push(Scenario::Split {
+            task: 0,
+            load: edge(256, 2, n),
+            name: "split window 256, 2 backbone threads".into(),
+        });
+    }
+    s
+}
+
+/// Loads `n` test images and labels.
+fn load_images(opts: &BenchOptions, n: usize) -> anyhow::Result<(Vec<Vec<u8>>, Vec<u8>)> {
+    let images = spotlight_edge::idx::read_images(&opts.dataset.join("t10k-images-idx3-ubyte.gz"))
+        .with_context(|| {
+            format!(
+                "reading test images under {} (run `make dataset`)",
+                opts.dataset.display()
+            )
+        })?;
+    let labels = spotlight_edge::idx::read_labels(&opts.dataset.join("t10k-labels-idx1-ubyte.gz"))?;
+    let n = n.min(images.count);
+    let imgs = (0..n)
+        .filter_map(|i| images.image(i).map(<[u8]>::to_vec))
+        .collect();
+    Ok((imgs, labels[..n].to_vec()))
+}
+
+/// Backbone features of `images`, encoded with `codec`.
+fn tensors(
+    model: &Model,
+    images: &[Vec<u8>],
+    codec: Codec,
+) -> anyhow::Result<Vec<pb::FeatureTensor>> {
+    let mut backbone = BackboneSession::open(model, 1)?;
+    let mut buf = Vec::new();
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(64) {
+        let mut x = Vec::new();
+        for img in chunk {
+            preprocess(&model.manifest().input, img, &mut buf);
+            x.extend_from_slice(&buf);
+        }
+        let f = backbone.run(x, chunk.len())?;
+        for one in f.chunks(model.feature_len()) {
+            let e = spotlight_codec::encode(codec, one);
+            out.push(pb::FeatureTensor {
+                codec: codec.wire(),
+                shape: model.feature_shape(1),
+                data: e.data.into(),
+                scale: e.scale,
+                zero_point: e.zero_point,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Runs every scenario and returns the figures (nothing written yet).
+pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Results> {
+    let tasks = task_sets(&model);
+    let scenarios = plan(opts, tasks.len());
+    let bar = ProgressBar::new(scenarios.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let n_images = opts.frames.max(opts.latency_frames).min(10_000);
+    let (images, labels) = load_images(opts, n_images)?;
+    let mut tensor_cache: BTreeMap<&'static str, Arc<Vec<pb::FeatureTensor>>> = BTreeMap::new();
+    let logs = crate::cloud::log_dir()?;
+    let mut rows = Vec::new();
+    let mut stages = crate::stages::Stages::default();
+    let mut cluster: Option<Cluster> = None;
+    let exe = opts.exe.clone();
+    for scenario in scenarios {
+        match scenario {
+            Scenario::Peer { batch } => {
+                let name = if batch == 1 {
+                    "peer batch 1".to_string()
+                } else {
+                    format!("peer batch {batch}")
+                };
+                bar.set_message(name.clone());
+                let m = crate::peer::run(
+                    &model,
+                    &images[..opts.frames.min(images.len())],
+                    &labels,
+                    cores(),
+                    batch,
+                )?;
+                rows.push(row(
+                    "peer",
+                    &name,
+                    [
+                        ("batch", batch.to_string()),
+                        ("threads", cores().to_string()),
+                    ],
+                    m,
+                ));
+            }
+            Scenario::Stages => {
+                bar.set_message("stages");
+                let take = opts.latency_frames.min(images.len());
+                let keep = (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us);
+                stages = crate::stages::measure(&model, &images[..take])?;
+                (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us) = keep;
+            }
+            Scenario::Cloud {
+                spec,
+                task,
+                load,
+                codec,
+                name,
+            } => {
+                bar.set_message(name.clone());
+                if cluster.as_ref().map(|c| &c.spec) != Some(&spec) {
+                    if let Some(c) = cluster.take() {
+                        c.stop().await;
+                    }
+                    cluster = Some(Cluster::start(&exe, &model, &logs, spec.clone()).await?);
+                }
+                let Some(c) = cluster.as_ref() else { continue };
+                c.set_task(&tasks[task].1).await?;
+                let key = codec_name(codec);
+                let t = match tensor_cache.get(key) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = Arc::new(tensors(&model, &images, codec)?);
+                        tensor_cache.insert(key, t.clone());
+                        t
+                    }
+                };
+                let before = c.stub_frames();
+                let mut m = crate::cloud::drive(c.grpc, model.hash(), t, load, c.pids()).await?;
+                let plan = model.plan(&spotlight_model::TaskSpec {
+                    categories: tasks[task].1.clone(),
+                    gains: Default::default(),
+                })?;
+                m.cloud_macs = Some(plan.cloud_macs);
+                let section = if spec.stub { "router" } else { "cloud" };
+                let mut params = vec![
+                    ("task", tasks[task].0.clone()),
+                    ("streams", load.streams.to_string()),
+                    ("window", load.window.to_string()),
+                    ("codec", key.to_string()),
+                    ("replicas", spec.replicas.to_string()),
+                ];
+                if spec.stub {
+                    params.push(("stub frames", (c.stub_frames() - before).to_string()));
+                } else {
+                    params.push(("worker max_batch", spec.max_batch.to_string()));
+                    params.push(("queue delay us", spec.max_queue_delay_us.to_string()));
+                }
+                if name == "cloud window 1" {
+                    stages.cloud_e2e_p50_us = m.p50_ms * 1e3;
+                    stages.cloud_e2e_p99_us = m.p99_ms * 1e3;
+                }
+                rows.push(row(section, &name, params, m));
+            }
+            Scenario::Split { task, load, name } => {
+                bar.set_message(name.clone());
+                if let Some(c) = cluster.take() {
+                    c.stop().await;
+                }
+                let m = crate::inproc::run(&model, &opts.dataset, &tasks[task].1, load).await?;
+                rows.push(row(
+                    "split",
+                    &name,
+                    [
+                        ("task", tasks[task].0.clone()),
+                        ("window", load.window.to_string()),
+                        ("codec", codec_name(load.codec).to_string()),
+                        ("backbone threads", load.backbone_threads.to_string()),
+                    ],
+                    m,
+                ));
+            }
+        }
+        bar.inc(1);
+    }
+    if let Some(c) = cluster.take() {
+        c.stop().await;
+    }
+    bar.finish_with_message("done");
+    Ok(Results {
+        model: model.name().to_string(),
+        model_hash: model.hash().to_string(),
+        machine: Machine::probe(),
+        started: String::new(),
+        images: images.len(),
+        rows,
+        stages,
+    })
+}
+
+fn row(
+    section: &str,
+    name: &str,
+    params: impl IntoIterator<Item = (&'static str, String)>,
+    measured: Measured,
+) -> Row {
+    Row {
+        section: section.to_string(),
+        name: name.to_string(),
+        params: params
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        measured,
+    }
+}

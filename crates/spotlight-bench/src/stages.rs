@@ -1,0 +1,118 @@
+//! One frame's compute stages, each measured alone on one thread, beside the end-to-end
+//! latency of the cloud at one frame in flight: overhead = end-to-end − compute.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use spotlight_codec::Codec;
+use spotlight_model::{Model, preprocess};
+use spotlight_runtime::{BackboneSession, SegmentSession};
+
+/// Median microseconds per frame of each stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stages {
+    /// Edge: image → normalised tensor.
+    pub preprocess_us: f64,
+    /// Edge: backbone, batch of one.
+    pub backbone_us: f64,
+    /// Edge: int8 encoding of the features.
+    pub encode_us: f64,
+    /// Worker: int8 decoding.
+    pub decode_us: f64,
+    /// Worker: every segment of the all-categories plan, batch of one (the cloud's compute).
+    pub segments_us: f64,
+    /// Worker: the same segments in batches of 64, per frame.
+    pub segments_batched_us: f64,
+    /// Cloud end-to-end at one frame in flight (client → coordinator → worker → client),
+    /// from the `cloud window 1` scenario, p50 and p99.
+    pub cloud_e2e_p50_us: f64,
+    pub cloud_e2e_p99_us: f64,
+}
+
+impl Stages {
+    /// Per-frame overhead of the cloud path at p50: end-to-end − (decode + segments).
+    pub fn overhead_p50_us(&self) -> f64 {
+        self.cloud_e2e_p50_us - self.decode_us - self.segments_us
+    }
+
+    /// The same at p99 (p99 end-to-end against the median compute).
+    pub fn overhead_p99_us(&self) -> f64 {
+        self.cloud_e2e_p99_us - self.decode_us - self.segments_us
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Measures the stages on `images` (one thread, batch of one unless stated).
+pub fn measure(model: &Arc<Model>, images: &[Vec<u8>]) -> anyhow::Result<Stages> {
+    let mut backbone = BackboneSession::open(model, 1)?;
+    let mut sessions = (0..model.segments().len())
+        .map(|s| SegmentSession::open(model, s, 1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let len = model.feature_len();
+    let (mut pre, mut bb, mut enc, mut dec, mut seg) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut buf = Vec::new();
+    let mut all_features = Vec::with_capacity(images.len() * len);
+    for img in images {
+        let t = Instant::now();
+        preprocess(&model.manifest().input, img, &mut buf);
+        pre.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        let f = backbone.run(buf.clone(), 1)?;
+        bb.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        let e = spotlight_codec::encode(Codec::Int8, &f);
+        enc.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        let d = spotlight_codec::decode(Codec::Int8, &e.data, e.scale, e.zero_point, len)?;
+        dec.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        run_tree(model, &mut sessions, d.clone(), 1)?;
+        seg.push(t.elapsed().as_secs_f64() * 1e6);
+        all_features.extend_from_slice(&d);
+    }
+    // Batched: 64 frames per run.
+    let mut batched = Vec::new();
+    for chunk in all_features.chunks(64 * len) {
+        let n = chunk.len() / len;
+        let t = Instant::now();
+        run_tree(model, &mut sessions, chunk.to_vec(), n)?;
+        batched.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+    }
+    Ok(Stages {
+        preprocess_us: median(pre),
+        backbone_us: median(bb),
+        encode_us: median(enc),
+        decode_us: median(dec),
+        segments_us: median(seg),
+        segments_batched_us: median(batched),
+        ..Stages::default()
+    })
+}
+
+/// Runs every segment (parents first) on `n` frames of backbone features.
+fn run_tree(
+    model: &Model,
+    sessions: &mut [SegmentSession],
+    features: Vec<f32>,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut outputs: Vec<Option<Vec<f32>>> = vec![None; sessions.len()];
+    for s in 0..sessions.len() {
+        let input = match model.parent_of(s) {
+            None => features.clone(),
+            Some(p) => outputs[p].clone().unwrap_or_default(),
+        };
+        let out = sessions[s].run(input, vec![1.0; n])?;
+        outputs[s] = out.features;
+    }
+    Ok(())
+}

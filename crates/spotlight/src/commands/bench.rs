@@ -1,0 +1,58 @@
+//! `spotlight bench`: see `spotlight-bench`.
+
+use anyhow::Context;
+use spotlight_bench::BenchOptions;
+
+use super::{init_onnxruntime, load_model};
+use crate::cli::BenchArgs;
+use crate::settings::Settings;
+
+pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
+    init_onnxruntime(&settings)?;
+    let model = load_model(&settings)?;
+    anyhow::ensure!(
+        args.frames > 0 && args.latency_frames > 0,
+        "--frames and --latency-frames must be > 0"
+    );
+    let opts = BenchOptions {
+        exe: std::env::current_exe().context("locating the spotlight binary")?,
+        dataset: args.dataset.clone(),
+        frames: args.frames,
+        latency_frames: args.latency_frames,
+        quick: args.quick,
+        markdown: args
+            .markdown
+            .clone()
+            .unwrap_or_else(|| args.out.join("benchmarks.md")),
+        out: args.out.clone(),
+    };
+    let mut command = format!(
+        "spotlight bench --frames {} --latency-frames {}",
+        args.frames, args.latency_frames
+    );
+    if args.quick {
+        command.push_str(" --quick");
+    }
+    command.push_str(&format!(
+        " --out {} --markdown {}",
+        opts.out.display(),
+        opts.markdown.display()
+    ));
+    let results = spotlight_bench::run(&opts, model).await?;
+    for t in spotlight_bench::report::targets(&results) {
+        println!(
+            "{} {:<100} {:>10.3} {} (limit {}{:.3}) {}",
+            t.id,
+            t.what,
+            t.measured,
+            t.unit,
+            if t.at_least { ">=" } else { "<=" },
+            t.limit,
+            if t.met() { "met" } else { "NOT MET" }
+        );
+    }
+    for path in spotlight_bench::write_all(&results, &opts, &command)? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
