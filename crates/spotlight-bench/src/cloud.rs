@@ -46,7 +46,8 @@ pub struct Cluster {
     pub spec: ClusterSpec,
     pub grpc: SocketAddr,
     coordinator: Child,
-    workers: Vec<(String, Child)>,
+    /// (id, process, Branches address).
+    workers: Vec<(String, Child, SocketAddr)>,
     stubs: Vec<crate::stub::StubWorker>,
 }
 
@@ -129,6 +130,7 @@ impl Cluster {
                     .await?;
                     cluster.stubs.push(stub);
                 } else {
+                    let listen = free_port()?;
                     let child = spawn(
                         exe,
                         &[
@@ -138,7 +140,7 @@ impl Cluster {
                             "--coordinator".into(),
                             coordinator_url.clone(),
                             "--listen".into(),
-                            free_port()?.to_string(),
+                            listen.to_string(),
                             "--id".into(),
                             id.clone(),
                             "--branches".into(),
@@ -154,7 +156,7 @@ impl Cluster {
                         ],
                         &logs.join(format!("worker-{id}.log")),
                     )?;
-                    cluster.workers.push((id, child));
+                    cluster.workers.push((id, child, listen));
                 }
             }
         }
@@ -170,7 +172,7 @@ impl Cluster {
             if live == expected {
                 break;
             }
-            for (id, child) in &mut cluster.workers {
+            for (id, child, _) in &mut cluster.workers {
                 if let Some(status) = child.try_wait()? {
                     bail!(
                         "worker {id} exited with {status}; see {}",
@@ -192,9 +194,25 @@ impl Cluster {
         pids.extend(
             self.workers
                 .iter()
-                .map(|(id, c)| (format!("worker {id}"), c.id())),
+                .map(|(id, c, _)| (format!("worker {id}"), c.id())),
         );
         pids
+    }
+
+    /// Segment runs (frames) and ONNX Runtime batches so far, summed over the worker
+    /// processes (`Branches.Stats`).
+    pub async fn batch_counters(&self) -> anyhow::Result<(u64, u64)> {
+        let (mut frames, mut batches) = (0, 0);
+        for (_, _, addr) in &self.workers {
+            let mut c = spotlight_proto::v1::branches_client::BranchesClient::connect(format!(
+                "http://{addr}"
+            ))
+            .await?;
+            let s = c.stats(pb::StatsRequest {}).await?.into_inner();
+            frames += s.segments_run.values().sum::<u64>();
+            batches += s.segment_batches.values().sum::<u64>();
+        }
+        Ok((frames, batches))
     }
 
     /// Replaces the task.
@@ -219,7 +237,7 @@ impl Cluster {
         for s in std::mem::take(&mut self.stubs) {
             s.stop().await;
         }
-        for (_, c) in &mut self.workers {
+        for (_, c, _) in &mut self.workers {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -230,7 +248,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for (_, c) in &mut self.workers {
+        for (_, c, _) in &mut self.workers {
             let _ = c.kill();
         }
         let _ = self.coordinator.kill();

@@ -43,6 +43,8 @@ pub struct Measured {
     /// Cloud MACs per frame (peer: the whole model's MACs).
     pub cloud_macs: Option<u64>,
     pub accuracy: Option<f64>,
+    /// Mean frames per ONNX Runtime run on the workers (segment runs ÷ batches).
+    pub mean_worker_batch: Option<f64>,
 }
 
 impl Measured {
@@ -68,6 +70,7 @@ impl Measured {
             bytes_per_frame: None,
             cloud_macs: None,
             accuracy: None,
+            mean_worker_batch: None,
         }
     }
 
@@ -118,6 +121,8 @@ pub struct BenchOptions {
     pub latency_frames: usize,
     /// Fewer sweep points (smoke runs and CI).
     pub quick: bool,
+    /// Only the scenarios whose name contains this.
+    pub only: Option<String>,
     /// Where results.json and the plots go.
     pub out: PathBuf,
     /// Where the Markdown report goes.

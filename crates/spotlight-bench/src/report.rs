@@ -209,7 +209,7 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "| scenario | parameters | frames/s | p50 ms | p99 ms | CPU ms/frame | of which coordinator | workers | MACs/frame (M) | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| scenario | parameters | frames/s | p50 ms | p99 ms | CPU ms/frame | of which coordinator | workers | mean worker batch | MACs/frame (M) | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in r
         .rows
@@ -222,7 +222,7 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
         let is_peer = row.section == "peer";
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.name,
             params(
                 row,
@@ -244,6 +244,7 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
             f(mm.total_cpu_ms_per_frame(), 3),
             if is_peer { "–".into() } else { f(coord, 3) },
             if is_peer { "–".into() } else { f(workers, 3) },
+            mm.mean_worker_batch.map_or("–".into(), |b| f(b, 1)),
             f(mm.cloud_macs.unwrap_or(0) as f64 / 1e6, 2),
             mm.error_count()
         );
@@ -258,6 +259,8 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
          | edge: preprocess | {} |\n| edge: backbone (batch 1) | {} |\n| edge: int8 encode | {} |\n\
          | worker: int8 decode | {} |\n| worker: segments, all categories (batch 1) | {} |\n\
          | worker: segments, all categories (batch 64, per frame) | {} |\n\
+         | peer: `full.onnx`, batch 1 | {} |\n| peer: `full.onnx`, batch 64, per frame | {} |\n\
+         | compute alone, segments ÷ `full.onnx`, batch 1 | {} |\n| compute alone, segments ÷ `full.onnx`, batch 64 | {} |\n\
          | cloud end-to-end, p50 | {} |\n| cloud end-to-end, p99 | {} |\n\
          | **overhead, p50** | {} |\n| **overhead, p99** | {} |",
         f(s.preprocess_us, 1),
@@ -266,6 +269,10 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
         f(s.decode_us, 1),
         f(s.segments_us, 1),
         f(s.segments_batched_us, 1),
+        f(s.full_us, 1),
+        f(s.full_batched_us, 1),
+        f(s.segments_us / s.full_us, 3),
+        f(s.segments_batched_us / s.full_batched_us, 3),
         f(s.cloud_e2e_p50_us, 1),
         f(s.cloud_e2e_p99_us, 1),
         f(s.overhead_p50_us(), 1),

@@ -14,6 +14,16 @@ use crate::cloud::{Cluster, ClusterSpec, Load};
 use crate::inproc::EdgeLoad;
 use crate::{BenchOptions, Machine, Measured, Results, Row, codec_name, cores, task_sets};
 
+impl Scenario {
+    fn name(&self) -> String {
+        match self {
+            Scenario::Peer { batch } => format!("peer batch {batch}"),
+            Scenario::Stages => "stages".into(),
+            Scenario::Cloud { name, .. } | Scenario::Split { name, .. } => name.clone(),
+        }
+    }
+}
+
 /// One thing to measure.
 enum Scenario {
     Peer {
@@ -258,7 +268,14 @@ fn tensors(
 /// Runs every scenario and returns the figures (nothing written yet).
 pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Results> {
     let tasks = task_sets(&model);
-    let scenarios = plan(opts, tasks.len());
+    let scenarios: Vec<Scenario> = plan(opts, tasks.len())
+        .into_iter()
+        .filter(|s| {
+            opts.only
+                .as_ref()
+                .is_none_or(|o| s.name().contains(o.as_str()))
+        })
+        .collect();
     let bar = ProgressBar::new(scenarios.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -332,7 +349,13 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                     }
                 };
                 let before = c.stub_frames();
+                let counters = c.batch_counters().await?;
                 let mut m = crate::cloud::drive(c.grpc, model.hash(), t, load, c.pids()).await?;
+                let after = c.batch_counters().await?;
+                if after.1 > counters.1 {
+                    m.mean_worker_batch =
+                        Some((after.0 - counters.0) as f64 / (after.1 - counters.1) as f64);
+                }
                 let plan = model.plan(&spotlight_model::TaskSpec {
                     categories: tasks[task].1.clone(),
                     gains: Default::default(),

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use spotlight_codec::Codec;
 use spotlight_model::{Model, preprocess};
-use spotlight_runtime::{BackboneSession, SegmentSession};
+use spotlight_runtime::{BackboneSession, FullSession, SegmentSession};
 
 /// Median microseconds per frame of each stage.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -24,6 +24,11 @@ pub struct Stages {
     pub segments_us: f64,
     /// Worker: the same segments in batches of 64, per frame.
     pub segments_batched_us: f64,
+    /// Peer: `full.onnx` (backbone and every segment) at batch 1, measured interleaved
+    /// with the stages above on the same thread.
+    pub full_us: f64,
+    /// Peer: `full.onnx` in batches of 64, per frame.
+    pub full_batched_us: f64,
     /// Cloud end-to-end at one frame in flight (client → coordinator → worker → client),
     /// from the `cloud window 1` scenario, p50 and p99.
     pub cloud_e2e_p50_us: f64,
@@ -53,12 +58,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Measures the stages on `images` (one thread, batch of one unless stated).
 pub fn measure(model: &Arc<Model>, images: &[Vec<u8>]) -> anyhow::Result<Stages> {
     let mut backbone = BackboneSession::open(model, 1)?;
+    let mut full = FullSession::open(model, 1)?;
+    let nseg = model.segments().len();
     let mut sessions = (0..model.segments().len())
         .map(|s| SegmentSession::open(model, s, 1))
         .collect::<Result<Vec<_>, _>>()?;
     let len = model.feature_len();
-    let (mut pre, mut bb, mut enc, mut dec, mut seg) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pre, mut bb, mut enc, mut dec, mut seg, mut whole) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut all_images = Vec::with_capacity(images.len() * 784);
     let mut buf = Vec::new();
     let mut all_features = Vec::with_capacity(images.len() * len);
     for img in images {
@@ -78,14 +92,25 @@ pub fn measure(model: &Arc<Model>, images: &[Vec<u8>]) -> anyhow::Result<Stages>
         run_tree(model, &mut sessions, d.clone(), 1)?;
         seg.push(t.elapsed().as_secs_f64() * 1e6);
         all_features.extend_from_slice(&d);
+        let t = Instant::now();
+        full.run(buf.clone(), 1, vec![1.0; nseg])?;
+        whole.push(t.elapsed().as_secs_f64() * 1e6);
+        all_images.extend_from_slice(&buf);
     }
-    // Batched: 64 frames per run.
-    let mut batched = Vec::new();
-    for chunk in all_features.chunks(64 * len) {
+    // Batched: 64 frames per run, segments and the whole model interleaved.
+    let (mut batched, mut whole_batched) = (Vec::new(), Vec::new());
+    let image_len = all_images.len() / images.len().max(1);
+    for (chunk, imgs) in all_features
+        .chunks(64 * len)
+        .zip(all_images.chunks(64 * image_len.max(1)))
+    {
         let n = chunk.len() / len;
         let t = Instant::now();
         run_tree(model, &mut sessions, chunk.to_vec(), n)?;
         batched.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        let t = Instant::now();
+        full.run(imgs.to_vec(), n, vec![1.0; n * nseg])?;
+        whole_batched.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
     }
     Ok(Stages {
         preprocess_us: median(pre),
@@ -94,6 +119,8 @@ pub fn measure(model: &Arc<Model>, images: &[Vec<u8>]) -> anyhow::Result<Stages>
         decode_us: median(dec),
         segments_us: median(seg),
         segments_batched_us: median(batched),
+        full_us: median(whole),
+        full_batched_us: median(whole_batched),
         ..Stages::default()
     })
 }

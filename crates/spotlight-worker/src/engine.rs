@@ -6,6 +6,8 @@
 //! frames once, and run each segment once for all the frames that asked for it, feeding each
 //! frame its own gain. Nothing here runs a model on an async worker thread.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -684,4 +686,88 @@ fn gather(matrix: &[f32], width: usize, rows: &[usize], at: impl Fn(usize) -> us
         out.extend_from_slice(&matrix[i * width..(i + 1) * width]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(frames: usize) -> Job {
+        Job {
+            segments: vec![(0, 1.0)],
+            frames: (0..frames as u32)
+                .map(|i| (i, pb::FeatureTensor::default()))
+                .collect(),
+            errors: Vec::new(),
+            reply: Box::new(|_| {}),
+        }
+    }
+
+    fn queue(capacity: usize) -> Queue {
+        Queue {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            capacity,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_with_resource_exhausted() {
+        let q = queue(4);
+        assert!(q.push(job(3)).is_ok());
+        let refused = q.push(job(2)).err().map(|b| b.1);
+        assert!(
+            matches!(
+                refused,
+                Some(EngineError::Overloaded {
+                    queued: 3,
+                    capacity: 4
+                })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(
+            EngineError::Overloaded {
+                queued: 3,
+                capacity: 4
+            }
+            .code(),
+            tonic::Code::ResourceExhausted
+        );
+        // One frame still fits; an empty queue admits any single job.
+        assert!(q.push(job(1)).is_ok());
+        let big = queue(2);
+        assert!(big.push(job(10)).is_ok());
+    }
+
+    #[test]
+    fn take_coalesces_jobs_up_to_max_batch_and_keeps_the_rest() {
+        let q = queue(100);
+        for n in [3, 3, 3] {
+            assert!(q.push(job(n)).is_ok());
+        }
+        let first = q.take(7, Duration::ZERO).expect("jobs");
+        assert_eq!(first.iter().map(|j| j.frames.len()).sum::<usize>(), 6);
+        let second = q.take(7, Duration::ZERO).expect("jobs");
+        assert_eq!(second.len(), 1);
+        q.close();
+        assert!(q.take(7, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn take_waits_up_to_the_delay_for_a_batch_to_fill() {
+        let q = Arc::new(queue(100));
+        assert!(q.push(job(1)).is_ok());
+        let feeder = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                q.push(job(1)).is_ok()
+            })
+        };
+        // Generous delay: the second job arrives within it, and the batch is full at 2.
+        let jobs = q.take(2, Duration::from_secs(10)).expect("jobs");
+        assert!(feeder.join().unwrap_or(false));
+        assert_eq!(jobs.len(), 2);
+    }
 }

@@ -54,6 +54,9 @@ pub struct BenchArgs {
     /// Fewer sweep points (a smoke run).
     #[arg(long)]
     pub quick: bool,
+    /// Only the scenarios whose name contains this (e.g. "cloud window", "peer").
+    #[arg(long)]
+    pub only: Option<String>,
     /// Directory for results.json and the SVG plots.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,

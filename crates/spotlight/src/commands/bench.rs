@@ -20,6 +20,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         frames: args.frames,
         latency_frames: args.latency_frames,
         quick: args.quick,
+        only: args.only.clone(),
         markdown: args
             .markdown
             .clone()
@@ -32,6 +33,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     );
     if args.quick {
         command.push_str(" --quick");
+    }
+    if let Some(o) = &args.only {
+        command.push_str(&format!(" --only \"{o}\""));
     }
     command.push_str(&format!(
         " --out {} --markdown {}",

@@ -1,0 +1,184 @@
+//! The data path to workers: one long-lived `RunStream` per worker, frames coalesced into
+//! batched ONNX Runtime runs, per-frame errors inside a batch.
+
+use spotlight_codec::Codec;
+use spotlight_proto::v1 as pb;
+use spotlight_proto::v1::branches_client::BranchesClient;
+use spotlight_tests::*;
+use tokio_stream::StreamExt;
+
+fn tensor(model: &spotlight_model::Model, values: &[f32], codec: Codec) -> pb::FeatureTensor {
+    match frame(model, 0, values, codec).kind {
+        Some(pb::edge_message::Kind::Frame(f)) => f.features.expect("features"),
+        other => panic!("not a frame: {other:?}"),
+    }
+}
+
+/// Under load, each worker runs its segments on many frames at once, and still runs each
+/// segment exactly once per frame that needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_coalesce_frames_into_batched_runs() {
+    let sandbox = SandboxBuilder::new().worker_per_branch().start().await;
+    let model = sandbox.model.clone();
+    let (images, _) = test_images(600);
+    let feats = features(&model, &images);
+    let answers = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
+    assert_eq!(answers.len(), 600);
+    assert!(
+        answers
+            .values()
+            .all(|a| matches!(a, pb::cloud_message::Kind::Prediction(_))),
+        "every frame gets a prediction"
+    );
+    for w in &sandbox.workers {
+        let stats = w.stats().await;
+        for (segment, &runs) in &stats.segments_run {
+            assert_eq!(runs, 600, "{segment} ran once per frame");
+            let batches = stats.segment_batches[segment];
+            // 256 frames in flight: the batcher never waits, yet finds several queued.
+            assert!(
+                batches * 2 <= runs,
+                "{segment}: {runs} frames in {batches} runs; expected a mean batch of at least 2"
+            );
+        }
+        assert_eq!(stats.requests, 600, "{}", w.id);
+        assert_eq!(stats.rejected, 0);
+    }
+    sandbox.stop().await;
+}
+
+/// A batch with a bad frame answers that frame with an error and the others with the same
+/// logits as one-frame requests; a batch for another model or with a missing parent is
+/// refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_stream_answers_bad_frames_alone_and_matches_unary_run() {
+    let sandbox = SandboxBuilder::new().worker("all", &[]).start().await;
+    let model = sandbox.model.clone();
+    let (images, _) = test_images(3);
+    let feats = features(&model, &images);
+    let mut client = BranchesClient::connect(format!("http://{}", sandbox.workers[0].addr))
+        .await
+        .expect("connect worker");
+    let segments = vec![
+        pb::SegmentRun {
+            segment_id: "tops".into(),
+            gain: 1.0,
+        },
+        pb::SegmentRun {
+            segment_id: "tops.light".into(),
+            gain: 2.0,
+        },
+        pb::SegmentRun {
+            segment_id: "footwear".into(),
+            gain: 1.0,
+        },
+    ];
+    let mut short = tensor(&model, &feats[1], Codec::F32);
+    short.data = short.data.slice(..100);
+    let mut infinite = tensor(&model, &feats[1], Codec::F32);
+    let mut bytes = infinite.data.to_vec();
+    bytes[..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    infinite.data = bytes.into();
+    let good = [
+        tensor(&model, &feats[0], Codec::F32),
+        tensor(&model, &feats[2], Codec::F32),
+    ];
+    let batches = vec![
+        pb::RunBatch {
+            batch_id: 7,
+            model_hash: model.hash().into(),
+            segments: segments.clone(),
+            features: vec![good[0].clone(), short, good[1].clone(), infinite],
+        },
+        pb::RunBatch {
+            batch_id: 8,
+            model_hash: "sha256:other".into(),
+            segments: segments.clone(),
+            features: vec![good[0].clone()],
+        },
+        pb::RunBatch {
+            batch_id: 9,
+            model_hash: model.hash().into(),
+            segments: segments[1..].to_vec(),
+            features: vec![good[0].clone(), good[1].clone()],
+        },
+    ];
+    let mut results: Vec<pb::RunBatchResult> = client
+        .run_stream(tokio_stream::iter(batches))
+        .await
+        .expect("stream")
+        .into_inner()
+        .take(3)
+        .map(|r| r.expect("result"))
+        .collect()
+        .await;
+    results.sort_by_key(|r| r.batch_id);
+    assert_eq!(
+        results.iter().map(|r| r.batch_id).collect::<Vec<_>>(),
+        [7, 8, 9]
+    );
+
+    let mixed = &results[0];
+    assert_eq!(mixed.rows, [0, 2]);
+    let codes: Vec<(u32, i32)> = mixed.errors.iter().map(|e| (e.index, e.code)).collect();
+    assert_eq!(
+        codes,
+        [
+            (1, tonic::Code::InvalidArgument as i32),
+            (3, tonic::Code::InvalidArgument as i32)
+        ]
+    );
+    assert!(
+        mixed.errors[0].message.contains("bytes"),
+        "{:?}",
+        mixed.errors[0]
+    );
+    assert!(
+        mixed.errors[1].message.contains("non-finite"),
+        "{:?}",
+        mixed.errors[1]
+    );
+    // Outputs: the segments with direct categories (tops.light, footwear), two rows each.
+    let ids: Vec<&str> = mixed
+        .outputs
+        .iter()
+        .map(|o| o.segment_id.as_str())
+        .collect();
+    assert_eq!(ids, ["tops.light", "footwear"]);
+    for (row, t) in good.iter().enumerate() {
+        let unary = client
+            .run(pb::RunRequest {
+                model_hash: model.hash().into(),
+                features: Some(t.clone()),
+                segments: segments.clone(),
+            })
+            .await
+            .expect("unary run")
+            .into_inner();
+        for (batched, single) in mixed.outputs.iter().zip(&unary.outputs) {
+            let k = batched.categories.len();
+            assert_eq!(batched.categories, single.categories);
+            let got = &batched.logits[row * k..(row + 1) * k];
+            for (a, b) in got.iter().zip(&single.logits) {
+                assert!(
+                    (a - b).abs() <= 1e-4,
+                    "row {row}: {got:?} vs {:?}",
+                    single.logits
+                );
+            }
+        }
+    }
+
+    for (result, code, text) in [
+        (&results[1], tonic::Code::FailedPrecondition, "model"),
+        (&results[2], tonic::Code::InvalidArgument, "parent"),
+    ] {
+        assert!(result.rows.is_empty() && result.outputs.is_empty());
+        assert!(!result.errors.is_empty());
+        for e in &result.errors {
+            assert_eq!(e.code, code as i32, "{}", e.message);
+            assert!(e.message.contains(text), "{}", e.message);
+        }
+    }
+    sandbox.stop().await;
+}
