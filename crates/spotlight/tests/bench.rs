@@ -1,0 +1,68 @@
+//! `spotlight bench --quick` runs every section end to end (tiny frame counts, debug build)
+//! and writes a report whose figures are real numbers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+#[test]
+fn bench_quick_runs_every_section_and_writes_the_report() {
+    let out = std::env::temp_dir().join(format!("spotlight-bench-test-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_spotlight"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .args([
+            "bench",
+            "--quick",
+            "--frames",
+            "256",
+            "--latency-frames",
+            "64",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "spotlight bench failed: {status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let rows = json["results"]["rows"].as_array().unwrap();
+    for section in ["peer", "cloud", "router", "split"] {
+        let of: Vec<_> = rows.iter().filter(|r| r["section"] == section).collect();
+        assert!(!of.is_empty(), "no {section} rows");
+        for r in of {
+            let m = &r["measured"];
+            assert!(m["frames"].as_u64().unwrap() > 0, "{r}");
+            assert!(m["frames_per_s"].as_f64().unwrap() > 0.0, "{r}");
+            assert_eq!(m["errors"].as_object().unwrap().len(), 0, "{r}");
+            // CPU is read from /proc for every process measured.
+            for (name, cpu) in m["cpu"].as_array().unwrap().iter().map(|c| (&c[0], &c[1])) {
+                assert!(cpu.as_f64().is_some_and(|c| c >= 0.0), "{name}: {cpu}");
+            }
+        }
+    }
+    let cloud = rows.iter().find(|r| r["name"] == "cloud task 0").unwrap();
+    let procs: Vec<&str> = cloud["measured"]["cpu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[0].as_str().unwrap())
+        .collect();
+    assert!(procs.contains(&"coordinator"), "{procs:?}");
+    assert_eq!(
+        procs.iter().filter(|p| p.starts_with("worker")).count(),
+        3,
+        "{procs:?}"
+    );
+    let targets = json["targets"].as_array().unwrap();
+    for id in ["P1", "P2", "P3", "P5"] {
+        assert!(targets.iter().any(|t| t["id"] == id), "target {id} missing");
+    }
+    let md = std::fs::read_to_string(out.join("benchmarks.md")).unwrap();
+    assert!(md.contains("## Targets") && md.contains("cpu_per_frame.svg"));
+    assert!(
+        std::fs::read_to_string(out.join("cpu_per_frame.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
