@@ -11,7 +11,7 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-rust test-python setup onnxruntime dataset venv model lint
+.PHONY: demo test test-rust test-python setup onnxruntime dataset venv model lint bench
 
 demo: onnxruntime dataset
 	$(CARGO) build --release --bin spotlight
@@ -54,6 +54,11 @@ $(VENV)/.installed: python/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r python/requirements.txt
 	touch $@
+
+# Every benchmark scenario side by side in one run; rewrites docs/benchmarks.md and its plots.
+bench: onnxruntime dataset
+	$(CARGO) build --release --bin spotlight
+	./target/release/spotlight bench --out docs/bench --markdown docs/benchmarks.md
 
 # Retrain and re-export the shipped model package (see python/README.md).
 model: dataset venv
