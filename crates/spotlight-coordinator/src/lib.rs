@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 pub use error::{ApiError, ErrorCode};
 
@@ -222,7 +222,12 @@ pub async fn run(
                 shared: shared.clone(),
             },
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), stopped());
+        .serve_with_incoming_shutdown(
+            // `Server::tcp_nodelay` does not apply to pre-bound listeners: without this,
+            // small answers wait for the peer's delayed ACK (~40 ms).
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            stopped(),
+        );
     let http =
         axum::serve(listeners.http, http::router(shared.clone())).with_graceful_shutdown(stopped());
 

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use engine::{BatchSettings, Engine, EngineError};
@@ -253,7 +254,12 @@ pub async fn run(
             })
             .max_decoding_message_size(16 << 20),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
+        .serve_with_incoming_shutdown(
+            // `Server::tcp_nodelay` does not apply to pre-bound listeners: without this,
+            // small answers wait for the peer's delayed ACK (~40 ms).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped(),
+        );
     let server = tokio::spawn(server);
 
     let registration = registration::Registration {
