@@ -211,6 +211,11 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
     if !opts.quick {
         s.push(Scenario::Split {
             task: 0,
+            load: edge(256, 1, n),
+            name: "split window 256".into(),
+        });
+        s.push(Scenario::Split {
+            task: 0,
             load: edge(256, 2, n),
             name: "split window 256, 2 backbone threads".into(),
         });
