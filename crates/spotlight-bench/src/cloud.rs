@@ -28,6 +28,10 @@ pub struct ClusterSpec {
     pub max_queue_delay_us: u64,
     /// Stub workers in this process instead of worker processes.
     pub stub: bool,
+    /// One worker process hosting every branch (instead of one per top-level branch).
+    pub single_worker: bool,
+    /// Worker `batch_threads`.
+    pub batch_threads: usize,
 }
 
 impl Default for ClusterSpec {
@@ -37,6 +41,8 @@ impl Default for ClusterSpec {
             max_batch: 64,
             max_queue_delay_us: 0,
             stub: false,
+            single_worker: false,
+            batch_threads: 1,
         }
     }
 }
@@ -105,26 +111,38 @@ impl Cluster {
             workers: Vec::new(),
             stubs: Vec::new(),
         };
-        let roots: Vec<String> = model
-            .segments()
-            .iter()
-            .filter(|s| s.parent.is_none())
-            .map(|s| s.id.clone())
-            .collect();
+        let roots: Vec<String> = if spec.single_worker {
+            vec![String::new()]
+        } else {
+            model
+                .segments()
+                .iter()
+                .filter(|s| s.parent.is_none())
+                .map(|s| s.id.clone())
+                .collect()
+        };
         let library = spotlight_runtime::resolve_library(None)?;
         let coordinator_url = format!("http://{grpc}");
         // The coordinator must be up before workers register.
         let mut control = connect_control(grpc).await?;
         for root in &roots {
             for r in 0..spec.replicas {
-                let id = format!("{root}-{r}");
+                let id = if root.is_empty() {
+                    format!("all-{r}")
+                } else {
+                    format!("{root}-{r}")
+                };
                 if spec.stub {
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                     let stub = crate::stub::StubWorker::start(
                         model.clone(),
                         coordinator_url.clone(),
                         id,
-                        vec![root.clone()],
+                        if root.is_empty() {
+                            Vec::new()
+                        } else {
+                            vec![root.clone()]
+                        },
                         listener,
                     )
                     .await?;
@@ -143,12 +161,22 @@ impl Cluster {
                             listen.to_string(),
                             "--id".into(),
                             id.clone(),
-                            "--branches".into(),
-                            root.clone(),
-                        ],
+                        ]
+                        .into_iter()
+                        .chain(
+                            (!root.is_empty())
+                                .then(|| ["--branches".to_string(), root.clone()])
+                                .into_iter()
+                                .flatten(),
+                        )
+                        .collect::<Vec<String>>(),
                         &[
                             ("ORT_DYLIB_PATH", library.display().to_string()),
                             ("SPOTLIGHT_WORKER__MAX_BATCH", spec.max_batch.to_string()),
+                            (
+                                "SPOTLIGHT_WORKER__BATCH_THREADS",
+                                spec.batch_threads.to_string(),
+                            ),
                             (
                                 "SPOTLIGHT_WORKER__MAX_QUEUE_DELAY_US",
                                 spec.max_queue_delay_us.to_string(),

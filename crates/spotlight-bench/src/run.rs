@@ -19,6 +19,7 @@ impl Scenario {
         match self {
             Scenario::Peer { batch } => format!("peer batch {batch}"),
             Scenario::Stages => "stages".into(),
+            Scenario::Rounds { .. } => "rounds".into(),
             Scenario::Cloud { name, .. } | Scenario::Split { name, .. } => name.clone(),
         }
     }
@@ -30,6 +31,11 @@ enum Scenario {
         batch: usize,
     },
     Stages,
+    /// The P3 protocol: peer and cloud alternated in short slices, `rounds` times, so that
+    /// each ratio compares figures taken seconds apart on a noisy, shared machine.
+    Rounds {
+        rounds: usize,
+    },
     Cloud {
         spec: ClusterSpec,
         task: usize,
@@ -64,6 +70,9 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
         Scenario::Peer { batch: 1 },
         Scenario::Peer { batch: 64 },
         Scenario::Stages,
+        Scenario::Rounds {
+            rounds: if opts.quick { 2 } else { 7 },
+        },
     ];
     // The P3 rows: every task set under load.
     for t in 0..tasks {
@@ -151,6 +160,22 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
             n,
             "cloud queue delay 500us".into(),
         ));
+        for t in 0..tasks {
+            let spec = ClusterSpec {
+                single_worker: true,
+                batch_threads: 2,
+                ..ClusterSpec::default()
+            };
+            s.push(cloud(
+                spec,
+                t,
+                8,
+                64,
+                Codec::Int8,
+                n,
+                format!("cloud single worker 2 threads task {t}"),
+            ));
+        }
         let spec = ClusterSpec {
             replicas: 2,
             ..ClusterSpec::default()
@@ -327,6 +352,65 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                 let keep = (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us);
                 stages = crate::stages::measure(&model, &images[..take])?;
                 (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us) = keep;
+            }
+            Scenario::Rounds { rounds } => {
+                let spec = ClusterSpec::default();
+                if cluster.as_ref().map(|c| &c.spec) != Some(&spec) {
+                    if let Some(c) = cluster.take() {
+                        c.stop().await;
+                    }
+                    cluster = Some(Cluster::start(&exe, &model, &logs, spec.clone()).await?);
+                }
+                let Some(c) = cluster.as_ref() else { continue };
+                let slice = (opts.frames / 2).max(1);
+                let t = match tensor_cache.get("int8") {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = Arc::new(tensors(&model, &images, Codec::Int8)?);
+                        tensor_cache.insert("int8", t.clone());
+                        t
+                    }
+                };
+                for round in 0..rounds {
+                    bar.set_message(format!("rounds: {}/{rounds}", round + 1));
+                    for batch in [1, 64] {
+                        let m = crate::peer::run(
+                            &model,
+                            &images[..slice.min(images.len())],
+                            &labels,
+                            cores(),
+                            batch,
+                        )?;
+                        rows.push(row(
+                            "rounds",
+                            &format!("round {round} peer batch {batch}"),
+                            [("round", round.to_string()), ("batch", batch.to_string())],
+                            m,
+                        ));
+                    }
+                    for (task, (task_name, categories)) in tasks.iter().enumerate() {
+                        c.set_task(categories).await?;
+                        let load = Load {
+                            streams: 8,
+                            window: 64,
+                            frames: slice,
+                        };
+                        let mut m =
+                            crate::cloud::drive(c.grpc, model.hash(), t.clone(), load, c.pids())
+                                .await?;
+                        let plan = model.plan(&spotlight_model::TaskSpec {
+                            categories: categories.clone(),
+                            gains: Default::default(),
+                        })?;
+                        m.cloud_macs = Some(plan.cloud_macs);
+                        rows.push(row(
+                            "rounds",
+                            &format!("round {round} cloud task {task}"),
+                            [("round", round.to_string()), ("task", task_name.clone())],
+                            m,
+                        ));
+                    }
+                }
             }
             Scenario::Cloud {
                 spec,
