@@ -203,6 +203,15 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
         n * 2,
         "router all".into(),
     ));
+    s.push(cloud(
+        stub.clone(),
+        0,
+        1,
+        1,
+        Codec::Int8,
+        opts.latency_frames,
+        "router window 1".into(),
+    ));
     if !opts.quick {
         s.push(cloud(
             stub,
