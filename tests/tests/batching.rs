@@ -182,3 +182,136 @@ async fn run_stream_answers_bad_frames_alone_and_matches_unary_run() {
     }
     sandbox.stop().await;
 }
+
+/// A worker that answers every batch with what `answer` makes of it.
+struct BadWorker {
+    answer: fn(&pb::RunBatch) -> pb::RunBatchResult,
+}
+
+#[tonic::async_trait]
+impl pb::branches_server::Branches for BadWorker {
+    async fn run(
+        &self,
+        _: tonic::Request<pb::RunRequest>,
+    ) -> Result<tonic::Response<pb::RunResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("stream only"))
+    }
+
+    type RunStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::RunBatchResult, tonic::Status>> + Send>,
+    >;
+
+    async fn run_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::RunBatch>>,
+    ) -> Result<tonic::Response<Self::RunStreamStream>, tonic::Status> {
+        let answer = self.answer;
+        let out = request.into_inner().map(move |b| b.map(|b| answer(&b)));
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
+
+    async fn stats(
+        &self,
+        _: tonic::Request<pb::StatsRequest>,
+    ) -> Result<tonic::Response<pb::StatsResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::StatsResponse::default()))
+    }
+}
+
+/// Serves `answer` as the only worker for every segment; returns after it is registered.
+async fn bad_worker(sandbox: &Sandbox, answer: fn(&pb::RunBatch) -> pb::RunBatchResult) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::branches_server::BranchesServer::new(BadWorker {
+                answer,
+            }))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let mut registry =
+        pb::registry_client::RegistryClient::connect(format!("http://{}", sandbox.grpc))
+            .await
+            .expect("connect registry");
+    registry
+        .register(pb::RegisterRequest {
+            worker_id: "bad".into(),
+            endpoint: format!("http://{addr}"),
+            segments: sandbox
+                .model
+                .segments()
+                .iter()
+                .map(|s| s.id.clone())
+                .collect(),
+            model_hash: sandbox.model.hash().into(),
+        })
+        .await
+        .expect("register");
+}
+
+/// Logits of one segment the batch asked for, `value` everywhere, one row per frame.
+fn answer_with(
+    b: &pb::RunBatch,
+    segment: &str,
+    categories: Vec<u32>,
+    value: f32,
+) -> pb::RunBatchResult {
+    pb::RunBatchResult {
+        batch_id: b.batch_id,
+        rows: (0..b.features.len() as u32).collect(),
+        outputs: vec![pb::SegmentOutput {
+            segment_id: segment.into(),
+            logits: vec![value; b.features.len() * categories.len()],
+            categories,
+        }],
+        errors: Vec::new(),
+    }
+}
+
+/// A worker's answer is checked: non-finite logits, segments not asked, or another
+/// segment's categories make that frame an INTERNAL error naming the worker, never a
+/// prediction (with NaN scores or made-up categories).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_worker_answers_become_errors_not_predictions() {
+    let cases: [(fn(&pb::RunBatch) -> pb::RunBatchResult, &str); 4] = [
+        (
+            |b| answer_with(b, "footwear", vec![5, 7, 9], f32::INFINITY),
+            "non-finite",
+        ),
+        (|b| answer_with(b, "other", vec![1, 3, 8], 0.0), "not asked"),
+        (|b| answer_with(b, "footwear", vec![1, 3, 8], 0.0), "scores"),
+        (
+            |b| pb::RunBatchResult {
+                batch_id: b.batch_id,
+                rows: vec![0, 0],
+                ..Default::default()
+            },
+            "twice",
+        ),
+    ];
+    for (answer, text) in cases {
+        let sandbox = SandboxBuilder::new().start().await;
+        sandbox
+            .control()
+            .await
+            .set_task(pb::SetTaskRequest {
+                categories: vec!["Sandal".into(), "Sneaker".into(), "Ankle boot".into()],
+                gains: Default::default(),
+            })
+            .await
+            .expect("task");
+        bad_worker(&sandbox, answer).await;
+        let model = sandbox.model.clone();
+        let (images, _) = test_images(4);
+        let feats = features(&model, &images);
+        let answers = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
+        assert_eq!(answers.len(), 4);
+        for a in answers.values() {
+            assert_frame_error(a, tonic::Code::Internal, text);
+            assert_frame_error(a, tonic::Code::Internal, "worker \"bad\"");
+        }
+        sandbox.stop().await;
+    }
+}

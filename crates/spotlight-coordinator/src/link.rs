@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::branches_client::BranchesClient;
 use tokio::sync::{mpsc, oneshot};
@@ -50,12 +51,13 @@ impl std::fmt::Debug for WorkerLink {
 
 impl WorkerLink {
     /// Starts the link's task (on the current tokio runtime); connects on the first frame.
-    pub fn spawn(worker_id: String, client: BranchesClient<Channel>, model_hash: String) -> Self {
+    pub fn spawn(worker_id: String, client: BranchesClient<Channel>, model: Arc<Model>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = LinkTask {
             worker_id,
             client,
-            model_hash,
+            model_hash: model.hash().to_string(),
+            model,
             rx,
             next_batch: 1,
             pending: HashMap::new(),
@@ -87,14 +89,21 @@ impl WorkerLink {
 
 type Reply = oneshot::Sender<Result<FrameLogits, ApiError>>;
 
+struct Pending {
+    segments: Arc<[pb::SegmentRun]>,
+    replies: Vec<Reply>,
+}
+
 struct LinkTask {
     worker_id: String,
     client: BranchesClient<Channel>,
     model_hash: String,
+    model: Arc<Model>,
     rx: mpsc::UnboundedReceiver<Request>,
     next_batch: u64,
-    /// Batches sent and not yet answered: their frames' replies, by position.
-    pending: HashMap<u64, Vec<Reply>>,
+    /// Batches sent and not yet answered: the segments asked and the frames' replies, by
+    /// position.
+    pending: HashMap<u64, Pending>,
     out: Option<mpsc::UnboundedSender<pb::RunBatch>>,
     inbound: Option<tonic::Streaming<pb::RunBatchResult>>,
 }
@@ -122,7 +131,7 @@ impl LinkTask {
                     self.send(requests).await;
                 }
                 _ = sweep.tick() => {
-                    self.pending.retain(|_, replies| replies.iter().any(|r| !r.is_closed()));
+                    self.pending.retain(|_, p| p.replies.iter().any(|r| !r.is_closed()));
                 }
             }
         }
@@ -166,7 +175,7 @@ impl LinkTask {
             return;
         }
         // Consecutive frames with the same segments share a message.
-        let mut batches: Vec<(pb::RunBatch, Vec<Reply>)> = Vec::new();
+        let mut batches: Vec<(pb::RunBatch, Arc<[pb::SegmentRun]>, Vec<Reply>)> = Vec::new();
         let mut last: Option<Arc<[pb::SegmentRun]>> = None;
         for r in requests {
             if r.reply.is_closed() {
@@ -183,20 +192,21 @@ impl LinkTask {
                         segments: r.segments.to_vec(),
                         features: Vec::new(),
                     },
+                    r.segments.clone(),
                     Vec::new(),
                 ));
                 last = Some(r.segments.clone());
             }
-            if let Some((batch, replies)) = batches.last_mut() {
+            if let Some((batch, _, replies)) = batches.last_mut() {
                 batch.features.push(r.features);
                 replies.push(r.reply);
             }
         }
-        for (batch, replies) in batches {
+        for (batch, segments, replies) in batches {
             let id = batch.batch_id;
             let sent = self.out.as_ref().is_some_and(|out| out.send(batch).is_ok());
             if sent {
-                self.pending.insert(id, replies);
+                self.pending.insert(id, Pending { segments, replies });
             } else {
                 let e = self.unavailable("run stream closed");
                 for r in replies {
@@ -208,7 +218,11 @@ impl LinkTask {
 
     /// Hands each frame of a result its logits or its error.
     fn answer(&mut self, result: pb::RunBatchResult) {
-        let Some(mut replies) = self.pending.remove(&result.batch_id) else {
+        let Some(Pending {
+            segments,
+            mut replies,
+        }) = self.pending.remove(&result.batch_id)
+        else {
             tracing::warn!(
                 worker_id = self.worker_id,
                 batch_id = result.batch_id,
@@ -218,7 +232,7 @@ impl LinkTask {
         };
         let n = replies.len();
         let mut answers: Vec<Option<Result<FrameLogits, ApiError>>> = vec![None; n];
-        match self.split(&result, n) {
+        match self.split(&result, &segments, n) {
             Ok(per_row) => {
                 for (row, logits) in result.rows.iter().zip(per_row) {
                     answers[*row as usize] = Some(Ok(logits));
@@ -249,8 +263,15 @@ impl LinkTask {
         }
     }
 
-    /// Checks a result's shape against the batch of `n` frames and splits its logits by row.
-    fn split(&self, result: &pb::RunBatchResult, n: usize) -> Result<Vec<FrameLogits>, String> {
+    /// Checks a result against the batch of `n` frames that asked for `segments` — every
+    /// frame answered once, exactly the asked segments that score categories, their own
+    /// categories, finite logits of the right count — and splits its logits by row.
+    fn split(
+        &self,
+        result: &pb::RunBatchResult,
+        segments: &[pb::SegmentRun],
+        n: usize,
+    ) -> Result<Vec<FrameLogits>, String> {
         let mut seen = vec![false; n];
         for &i in result
             .rows
@@ -265,8 +286,43 @@ impl LinkTask {
             }
         }
         let rows = result.rows.len();
+        let mut expected: Vec<usize> = segments
+            .iter()
+            .filter_map(|r| self.model.segment_index(&r.segment_id))
+            .filter(|&s| !self.model.segments()[s].direct_categories.is_empty())
+            .collect();
         let mut per_row: Vec<FrameLogits> = vec![Vec::new(); rows];
         for out in &result.outputs {
+            let s = self
+                .model
+                .segment_index(&out.segment_id)
+                .filter(|s| expected.contains(s))
+                .ok_or_else(|| {
+                    format!(
+                        "output for segment \"{}\", which was not asked or was answered twice",
+                        out.segment_id
+                    )
+                })?;
+            expected.retain(|&e| e != s);
+            let own = &self.model.segments()[s].direct_categories;
+            if out.categories.len() != own.len()
+                || out
+                    .categories
+                    .iter()
+                    .zip(own)
+                    .any(|(&a, &b)| a as usize != b)
+            {
+                return Err(format!(
+                    "segment \"{}\" answered categories {:?}; it scores {:?}",
+                    out.segment_id, out.categories, own
+                ));
+            }
+            if let Some(z) = out.logits.iter().find(|z| !z.is_finite()) {
+                return Err(format!(
+                    "segment \"{}\" answered a non-finite logit ({z})",
+                    out.segment_id
+                ));
+            }
             let k = out.categories.len();
             if out.logits.len() != rows * k {
                 return Err(format!(
@@ -284,6 +340,14 @@ impl LinkTask {
                 );
             }
         }
+        if rows > 0
+            && let Some(&missing) = expected.first()
+        {
+            return Err(format!(
+                "no output for segment \"{}\"",
+                self.model.segments()[missing].id
+            ));
+        }
         Ok(per_row)
     }
 
@@ -299,7 +363,11 @@ impl LinkTask {
         if !self.pending.is_empty() {
             tracing::warn!(
                 worker_id = self.worker_id,
-                in_flight = self.pending.values().map(Vec::len).sum::<usize>(),
+                in_flight = self
+                    .pending
+                    .values()
+                    .map(|p| p.replies.len())
+                    .sum::<usize>(),
                 why,
                 "run stream broken"
             );
@@ -307,8 +375,8 @@ impl LinkTask {
         self.out = None;
         self.inbound = None;
         let e = self.unavailable(why);
-        for (_, replies) in self.pending.drain() {
-            for r in replies {
+        for (_, pending) in self.pending.drain() {
+            for r in pending.replies {
                 let _ = r.send(Err(e.clone()));
             }
         }

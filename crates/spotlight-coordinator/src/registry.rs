@@ -155,7 +155,7 @@ impl Registry {
             link: WorkerLink::spawn(
                 worker_id.clone(),
                 BranchesClient::new(channel).max_decoding_message_size(64 << 20),
-                self.model.hash().to_string(),
+                self.model.clone(),
             ),
             outstanding: AtomicU32::new(0),
             expires: Mutex::new(Instant::now() + self.ttl),
