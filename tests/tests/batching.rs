@@ -183,9 +183,12 @@ async fn run_stream_answers_bad_frames_alone_and_matches_unary_run() {
     sandbox.stop().await;
 }
 
+/// How a misbehaving worker answers a batch.
+type Answer = fn(&pb::RunBatch) -> pb::RunBatchResult;
+
 /// A worker that answers every batch with what `answer` makes of it.
 struct BadWorker {
-    answer: fn(&pb::RunBatch) -> pb::RunBatchResult,
+    answer: Answer,
 }
 
 #[tonic::async_trait]
@@ -219,7 +222,7 @@ impl pb::branches_server::Branches for BadWorker {
 }
 
 /// Serves `answer` as the only worker for every segment; returns after it is registered.
-async fn bad_worker(sandbox: &Sandbox, answer: fn(&pb::RunBatch) -> pb::RunBatchResult) {
+async fn bad_worker(sandbox: &Sandbox, answer: Answer) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -275,7 +278,7 @@ fn answer_with(
 /// prediction (with NaN scores or made-up categories).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_worker_answers_become_errors_not_predictions() {
-    let cases: [(fn(&pb::RunBatch) -> pb::RunBatchResult, &str); 4] = [
+    let cases: [(Answer, &str); 4] = [
         (
             |b| answer_with(b, "footwear", vec![5, 7, 9], f32::INFINITY),
             "non-finite",
