@@ -424,6 +424,91 @@ async fn one_stream(
     Ok((latencies, errors))
 }
 
+/// Runs a `spotlight edge` process over the first `frames` test images against the
+/// cluster, from raw image to prediction, and measures the edge's and the cloud's CPU.
+pub async fn edge_process(
+    exe: &Path,
+    model: &spotlight_model::Model,
+    dataset: &Path,
+    cluster: &Cluster,
+    frames: usize,
+    window: usize,
+    logs: &Path,
+) -> anyhow::Result<Measured> {
+    let library = spotlight_runtime::resolve_library(None)?;
+    let mut child = Command::new(exe)
+        .args([
+            "--model",
+            &model.dir().display().to_string(),
+            "edge",
+            "--coordinator",
+        ])
+        .arg(format!("http://{}", cluster.grpc))
+        .arg("--idx-images")
+        .arg(dataset.join("t10k-images-idx3-ubyte.gz"))
+        .arg("--idx-labels")
+        .arg(dataset.join("t10k-labels-idx1-ubyte.gz"))
+        .args(["--limit", &frames.to_string()])
+        .env("SPOTLIGHT_EDGE__MAX_IN_FLIGHT", window.to_string())
+        .env("ORT_DYLIB_PATH", library)
+        .env("ORT_DISABLE_TELEMETRY", "1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(logs.join("edge.log"))?)
+        .spawn()
+        .context("starting spotlight edge")?;
+    let mut pids = cluster.pids();
+    pids.push(("edge".into(), child.id()));
+    let meter = crate::cpu::CpuMeter::start(pids);
+    // The edge's CPU must be read before it exits: poll until it has printed its summary.
+    let mut stdout = child.stdout.take().context("edge stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let mut last = meter.stop();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while child.try_wait()?.is_none() {
+        last = meter.stop();
+        anyhow::ensure!(Instant::now() < deadline, "edge did not finish in 600 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = reader.join().unwrap_or_default();
+    let (cpu, wall) = last;
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("throughput"))
+        .with_context(|| format!("no summary in the edge's output: {out}"))?;
+    let field = |name: &str| -> f64 {
+        summary
+            .split_whitespace()
+            .skip_while(|w| *w != name)
+            .nth(1)
+            .and_then(|v| v.trim_end_matches("ms").parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let mut m = Measured::new(frames, wall, Vec::new());
+    // The edge's own clock starts after its model is loaded: its throughput, not ours.
+    m.frames_per_s = field("throughput");
+    m.p50_ms = field("p50");
+    m.p99_ms = field("p99");
+    m.p95_ms = f64::NAN;
+    m.cpu = cpu;
+    m.bytes_per_frame = Some(field("bytes/frame"));
+    if let Some(errors) = out
+        .lines()
+        .find(|l| l.starts_with("frames"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "errors").nth(1))
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&e| e > 0)
+    {
+        m.errors.insert("any".into(), errors);
+    }
+    Ok(m)
+}
+
 /// Where process logs go.
 pub fn log_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("spotlight-bench-{}", std::process::id()));

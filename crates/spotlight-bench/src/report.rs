@@ -412,6 +412,32 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
 
     let _ = writeln!(
         md,
+        "\n## Whole split path, every role a process of its own\n\n`spotlight edge` reads the raw test images \
+         (preprocess, backbone, int8 encode) and streams them to the coordinator and worker processes; CPU per \
+         frame per role from `/proc` (the edge's includes its start-up: loading the model). Frames/s and latency \
+         are the edge's own summary.\n\n\
+         | scenario | parameters | frames/s | p50 ms | p99 ms | edge CPU ms/frame | coordinator | workers | all roles | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in r.rows.iter().filter(|x| x.section == "processes") {
+        let mm = &row.measured;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.name,
+            params(row, &["task", "window", "codec"]),
+            f(mm.frames_per_s, 0),
+            f(mm.p50_ms, 2),
+            f(mm.p99_ms, 2),
+            f(mm.cpu_ms_per_frame(|n| n == "edge"), 3),
+            f(mm.cpu_ms_per_frame(|n| n == "coordinator"), 3),
+            f(mm.cpu_ms_per_frame(|n| n.starts_with("worker")), 3),
+            f(mm.total_cpu_ms_per_frame(), 3),
+            mm.error_count()
+        );
+    }
+
+    let _ = writeln!(
+        md,
         "\n## Routing capacity (stub workers)\n\nThe coordinator process against stub workers in the bench process that \
          answer at once with zero logits: what routing alone costs.\n\n\
          | scenario | parameters | frames/s | p50 ms | p99 ms | coordinator CPU ms/frame | frames per coordinator CPU-second | errors |\n|---|---|---:|---:|---:|---:|---:|---:|"

@@ -20,7 +20,9 @@ impl Scenario {
             Scenario::Peer { batch } => format!("peer batch {batch}"),
             Scenario::Stages => "stages".into(),
             Scenario::Rounds { .. } => "rounds".into(),
-            Scenario::Cloud { name, .. } | Scenario::Split { name, .. } => name.clone(),
+            Scenario::Cloud { name, .. }
+            | Scenario::Split { name, .. }
+            | Scenario::Processes { name, .. } => name.clone(),
         }
     }
 }
@@ -41,6 +43,13 @@ enum Scenario {
         task: usize,
         load: Load,
         codec: Codec,
+        name: String,
+    },
+    /// `spotlight edge` as a process against the cloud processes, from raw images.
+    Processes {
+        task: usize,
+        window: usize,
+        frames: usize,
         name: String,
     },
     Split {
@@ -222,6 +231,15 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
             n * 2,
             "router one group".into(),
         ));
+    }
+    // Every role a process of its own, from raw images.
+    for t in 0..tasks {
+        s.push(Scenario::Processes {
+            task: t,
+            window: 64,
+            frames: n,
+            name: format!("processes task {t}"),
+        });
     }
     // Every role in one process, from raw images.
     let edge = |window, backbone_threads, frames| EdgeLoad {
@@ -478,6 +496,48 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                     stages.cloud_e2e_p99_us = m.p99_ms * 1e3;
                 }
                 rows.push(row(section, &name, params, m));
+            }
+            Scenario::Processes {
+                task,
+                window,
+                frames,
+                name,
+            } => {
+                bar.set_message(name.clone());
+                let spec = ClusterSpec::default();
+                if cluster.as_ref().map(|c| &c.spec) != Some(&spec) {
+                    if let Some(c) = cluster.take() {
+                        c.stop().await;
+                    }
+                    cluster = Some(Cluster::start(&exe, &model, &logs, spec.clone()).await?);
+                }
+                let Some(c) = cluster.as_ref() else { continue };
+                c.set_task(&tasks[task].1).await?;
+                let mut m = crate::cloud::edge_process(
+                    &exe,
+                    &model,
+                    &opts.dataset,
+                    c,
+                    frames.min(10_000),
+                    window,
+                    &logs,
+                )
+                .await?;
+                let plan = model.plan(&spotlight_model::TaskSpec {
+                    categories: tasks[task].1.clone(),
+                    gains: Default::default(),
+                })?;
+                m.cloud_macs = Some(plan.cloud_macs);
+                rows.push(row(
+                    "processes",
+                    &name,
+                    [
+                        ("task", tasks[task].0.clone()),
+                        ("window", window.to_string()),
+                        ("codec", "int8".to_string()),
+                    ],
+                    m,
+                ));
             }
             Scenario::Split { task, load, name } => {
                 bar.set_message(name.clone());

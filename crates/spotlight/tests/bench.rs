@@ -26,7 +26,7 @@ fn bench_quick_runs_every_section_and_writes_the_report() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let rows = json["results"]["rows"].as_array().unwrap();
-    for section in ["peer", "cloud", "router", "split"] {
+    for section in ["peer", "cloud", "router", "split", "processes", "rounds"] {
         let of: Vec<_> = rows.iter().filter(|r| r["section"] == section).collect();
         assert!(!of.is_empty(), "no {section} rows");
         for r in of {
