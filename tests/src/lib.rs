@@ -139,6 +139,7 @@ pub fn hello(hash: &str) -> pb::EdgeMessage {
         kind: Some(pb::edge_message::Kind::Hello(pb::Hello {
             model_hash: hash.to_string(),
             edge_id: "test".into(),
+            batch_answers: false,
         })),
     }
 }

@@ -318,3 +318,97 @@ async fn bad_worker_answers_become_errors_not_predictions() {
         sandbox.stop().await;
     }
 }
+
+/// An edge may send several frames per message and take several answers per message:
+/// every frame is still answered exactly once, with the same prediction as alone. A batch
+/// over the limit is refused with one error and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_batches_and_answer_batches_answer_every_frame_once() {
+    use pb::cloud_message::Kind;
+    let sandbox = SandboxBuilder::new().worker_per_branch().start().await;
+    let model = sandbox.model.clone();
+    let (images, _) = test_images(300);
+    let feats = features(&model, &images);
+    let alone = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::EdgeMessage {
+        kind: Some(pb::edge_message::Kind::Hello(pb::Hello {
+            model_hash: model.hash().into(),
+            edge_id: "batching".into(),
+            batch_answers: true,
+        })),
+    })
+    .await
+    .expect("hello");
+    let mut inbound = sandbox
+        .inference()
+        .await
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let one: Vec<pb::Frame> = frames(&model, &feats, Codec::Int8)
+        .into_iter()
+        .filter_map(|m| match m.kind {
+            Some(pb::edge_message::Kind::Frame(f)) => Some(f),
+            _ => None,
+        })
+        .collect();
+    let too_many = vec![one[0].clone(); 4097];
+    for chunk in [one[..100].to_vec(), too_many, one[100..].to_vec()] {
+        tx.send(pb::EdgeMessage {
+            kind: Some(pb::edge_message::Kind::Frames(pb::FrameBatch {
+                frames: chunk,
+            })),
+        })
+        .await
+        .expect("send");
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    let mut refused = Vec::new();
+    let mut batched_messages = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while answers.len() < 300 || refused.is_empty() {
+        let msg = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .expect("answers within 60 s")
+            .expect("stream ok")
+            .expect("stream open");
+        let (predictions, errors) = match msg.kind {
+            Some(Kind::Ready(_)) => continue,
+            Some(Kind::Prediction(p)) => (vec![p], vec![]),
+            Some(Kind::Error(e)) => (vec![], vec![e]),
+            Some(Kind::Answers(b)) => {
+                batched_messages += 1;
+                (b.predictions, b.errors)
+            }
+            None => panic!("empty message"),
+        };
+        for e in errors {
+            assert_eq!(e.seq, 0, "only the refused batch errs: {e:?}");
+            assert!(e.message.contains("at most 4096"), "{}", e.message);
+            refused.push(e);
+        }
+        for p in predictions {
+            let seq = p.seq;
+            assert!(
+                answers.insert(seq, p).is_none(),
+                "frame {seq} answered twice"
+            );
+        }
+    }
+    assert_eq!(refused.len(), 1);
+    assert!(batched_messages > 0, "answers ready together came batched");
+    for (seq, p) in &answers {
+        let Kind::Prediction(single) = &alone[seq] else {
+            panic!("frame {seq} failed alone")
+        };
+        assert_eq!(p.top_index, single.top_index, "frame {seq}");
+        for (a, b) in p.scores.iter().zip(&single.scores) {
+            assert_eq!(a.index, b.index);
+            assert!((a.score - b.score).abs() < 1e-5, "frame {seq}");
+        }
+    }
+    sandbox.stop().await;
+}

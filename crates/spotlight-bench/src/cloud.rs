@@ -375,6 +375,7 @@ async fn one_stream(
         kind: Some(pb::edge_message::Kind::Hello(pb::Hello {
             model_hash: hash,
             edge_id: format!("bench-{offset}"),
+            batch_answers: true,
         })),
     })
     .await?;
@@ -391,35 +392,47 @@ async fn one_stream(
     let mut errors: HashMap<String, usize> = HashMap::new();
     let (mut next, mut done) = (0usize, 0usize);
     while done < count {
+        // Like the edge agent: every frame the window has room for goes in one message.
+        let mut frames = Vec::new();
         while next < count && next - done < window {
             let t = &tensors[(offset + next * 7919) % tensors.len()];
             sent_at.insert(next as u64, Instant::now());
-            tx.send(pb::EdgeMessage {
-                kind: Some(pb::edge_message::Kind::Frame(pb::Frame {
-                    seq: next as u64,
-                    features: Some(t.clone()),
-                })),
-            })
-            .await?;
+            frames.push(pb::Frame {
+                seq: next as u64,
+                features: Some(t.clone()),
+            });
             next += 1;
+        }
+        if !frames.is_empty() {
+            let kind = if frames.len() == 1 {
+                pb::edge_message::Kind::Frame(frames.remove(0))
+            } else {
+                pb::edge_message::Kind::Frames(pb::FrameBatch { frames })
+            };
+            tx.send(pb::EdgeMessage { kind: Some(kind) }).await?;
         }
         let msg = tokio::time::timeout(Duration::from_secs(60), inbound.message())
             .await
             .context("no answer within 60 s")??
             .context("stream closed early")?;
-        let seq = match msg.kind {
-            Some(Kind::Prediction(p)) => p.seq,
-            Some(Kind::Error(e)) => {
-                let code = format!("{:?}", tonic::Code::from(e.code));
-                *errors.entry(code).or_default() += 1;
-                e.seq
-            }
+        let (predictions, errs) = match msg.kind {
+            Some(Kind::Prediction(p)) => (vec![p], Vec::new()),
+            Some(Kind::Error(e)) => (Vec::new(), vec![e]),
+            Some(Kind::Answers(b)) => (b.predictions, b.errors),
             other => bail!("unexpected answer {other:?}"),
         };
-        if let Some(t) = sent_at.remove(&seq) {
-            latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        let mut seqs: Vec<u64> = predictions.iter().map(|p| p.seq).collect();
+        for e in errs {
+            let code = format!("{:?}", tonic::Code::from(e.code));
+            *errors.entry(code).or_default() += 1;
+            seqs.push(e.seq);
         }
-        done += 1;
+        for seq in seqs {
+            if let Some(t) = sent_at.remove(&seq) {
+                latencies.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            done += 1;
+        }
     }
     Ok((latencies, errors))
 }

@@ -175,6 +175,7 @@ async fn every_frame_is_routed_to_every_branch_and_answered() {
         kind: Some(pb::edge_message::Kind::Hello(pb::Hello {
             model_hash: model.hash().into(),
             edge_id: "stub-test".into(),
+            batch_answers: false,
         })),
     })
     .await
@@ -221,6 +222,7 @@ async fn every_frame_is_routed_to_every_branch_and_answered() {
                 assert!(seen.insert(p.seq), "frame {} answered twice", p.seq);
             }
             pb::cloud_message::Kind::Error(e) => panic!("frame {} failed: {}", e.seq, e.message),
+            pb::cloud_message::Kind::Answers(_) => panic!("answer batch without batch_answers"),
         }
     }
     assert_eq!(seen, (0..n).collect::<BTreeSet<_>>());

@@ -206,6 +206,7 @@ async fn run_validated(
     let hello = Hello {
         model_hash: model.hash().to_string(),
         edge_id: config.edge_id.clone(),
+        batch_answers: true,
     };
     let driver = StreamDriver::new(
         endpoint,

@@ -41,6 +41,28 @@ pub(crate) struct Window {
     duplicates: u64,
 }
 
+/// Most frames the edge puts in one message.
+const MAX_FRAMES_PER_MESSAGE: usize = 256;
+
+/// One message for `msgs` (frame messages): the frame itself, or a `FrameBatch`.
+fn batch_message(mut msgs: Vec<EdgeMessage>) -> EdgeMessage {
+    if msgs.len() == 1 {
+        return msgs.remove(0);
+    }
+    let frames = msgs
+        .into_iter()
+        .filter_map(|m| match m.kind {
+            Some(edge_message::Kind::Frame(f)) => Some(f),
+            _ => None,
+        })
+        .collect();
+    EdgeMessage {
+        kind: Some(edge_message::Kind::Frames(
+            spotlight_proto::v1::FrameBatch { frames },
+        )),
+    }
+}
+
 fn frame_message(frame: Frame) -> EdgeMessage {
     EdgeMessage {
         kind: Some(edge_message::Kind::Frame(frame)),
@@ -434,8 +456,16 @@ impl StreamDriver {
                     return SessionEnd::Broken("coordinator closed the stream".into());
                 }
                 Event::Job(Some(job)) => {
-                    let msg = self.window.insert(job);
-                    if tx.send(msg).await.is_err() {
+                    // Every frame ready now goes in one message: cheaper per frame on both
+                    // sides than a message each.
+                    let mut msgs = vec![self.window.insert(job)];
+                    while self.window.has_room() && msgs.len() < MAX_FRAMES_PER_MESSAGE {
+                        match self.jobs.try_recv() {
+                            Ok(job) => msgs.push(self.window.insert(job)),
+                            Err(_) => break,
+                        }
+                    }
+                    if tx.send(batch_message(msgs)).await.is_err() {
                         return SessionEnd::Broken("request stream closed".into());
                     }
                 }
@@ -451,6 +481,19 @@ impl StreamDriver {
             Some(cloud_message::Kind::Prediction(p)) => (p.seq, Ok(prediction_from_proto(p))),
             Some(cloud_message::Kind::Error(FrameError { seq, code, message })) => {
                 (seq, Err(FrameFailure::new(code, message)))
+            }
+            Some(cloud_message::Kind::Answers(batch)) => {
+                for p in batch.predictions {
+                    self.on_message(CloudMessage {
+                        kind: Some(cloud_message::Kind::Prediction(p)),
+                    });
+                }
+                for e in batch.errors {
+                    self.on_message(CloudMessage {
+                        kind: Some(cloud_message::Kind::Error(e)),
+                    });
+                }
+                return;
             }
             Some(cloud_message::Kind::Ready(_)) | None => {
                 tracing::warn!("unexpected message from coordinator ignored");

@@ -79,9 +79,22 @@ impl Inference for Fake {
         .unwrap();
         tokio::spawn(async move {
             let mut n = 0;
-            while let Ok(Some(msg)) = inbound.message().await {
-                let Some(edge_message::Kind::Frame(f)) = msg.kind else {
-                    continue;
+            let mut queue = std::collections::VecDeque::new();
+            loop {
+                let f = match queue.pop_front() {
+                    Some(f) => f,
+                    None => match inbound.message().await {
+                        Ok(Some(msg)) => {
+                            match msg.kind {
+                                Some(edge_message::Kind::Frame(f)) => queue.push_back(f),
+                                // The edge puts the frames ready together in one message.
+                                Some(edge_message::Kind::Frames(b)) => queue.extend(b.frames),
+                                _ => {}
+                            }
+                            continue;
+                        }
+                        _ => break,
+                    },
                 };
                 *seen.lock().unwrap().entry(f.seq).or_default() += 1;
                 n += 1;

@@ -12,6 +12,9 @@ use tracing::Instrument;
 use crate::Shared;
 use crate::error::ErrorCode;
 
+/// Most frames in one `FrameBatch` (and answers in one `AnswerBatch`).
+const MAX_FRAMES_PER_MESSAGE: usize = 4096;
+
 /// How long a new stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,6 +70,50 @@ impl pb::inference_server::Inference for InferenceService {
                 kind: Some(Out::Ready(ready)),
             }))
             .await;
+        // Answers go through one forwarder per stream, which puts the answers that are ready
+        // together into one `AnswerBatch` for edges that accept it.
+        let (answers, mut ready) = mpsc::channel::<Out>(limit + 1);
+        let batch_answers = hello.batch_answers;
+        {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(first) = ready.recv().await {
+                    let message = if batch_answers {
+                        let mut more = Vec::new();
+                        while more.len() < MAX_FRAMES_PER_MESSAGE {
+                            match ready.try_recv() {
+                                Ok(k) => more.push(k),
+                                Err(_) => break,
+                            }
+                        }
+                        if more.is_empty() {
+                            first
+                        } else {
+                            let mut batch = pb::AnswerBatch::default();
+                            for k in std::iter::once(first).chain(more) {
+                                match k {
+                                    Out::Prediction(p) => batch.predictions.push(p),
+                                    Out::Error(e) => batch.errors.push(e),
+                                    _ => {}
+                                }
+                            }
+                            Out::Answers(batch)
+                        }
+                    } else {
+                        first
+                    };
+                    if tx
+                        .send(Ok(pb::CloudMessage {
+                            kind: Some(message),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
         let shared = self.shared.clone();
         let span = tracing::info_span!("stream", edge_id = hello.edge_id, ?peer);
         tracing::info!(parent: &span, "stream opened");
@@ -92,37 +139,49 @@ impl pb::inference_server::Inference for InferenceService {
                             break;
                         }
                     };
-                    let frame = match msg.kind {
-                        Some(In::Frame(f)) => f,
-                        _ => {
+                    let batch = match msg.kind {
+                        Some(In::Frame(f)) => vec![f],
+                        Some(In::Frames(b)) if b.frames.len() <= MAX_FRAMES_PER_MESSAGE => b.frames,
+                        other => {
+                            let message = match other {
+                                Some(In::Frames(b)) => format!(
+                                    "a frame batch holds at most {MAX_FRAMES_PER_MESSAGE} frames, got {}; none of them was run",
+                                    b.frames.len()
+                                ),
+                                _ => "expected a frame; hello may only be sent once".into(),
+                            };
                             let error = pb::FrameError {
                                 seq: 0,
                                 code: ErrorCode::InvalidArgument.grpc() as i32,
-                                message: "expected a frame; hello may only be sent once".into(),
+                                message,
                             };
-                            let _ = tx.send(Ok(pb::CloudMessage { kind: Some(Out::Error(error)) })).await;
+                            if answers.send(Out::Error(error)).await.is_err() {
+                                break;
+                            }
                             continue;
                         }
                     };
-                    frames += 1;
-                    // Backpressure: at most `limit` frames of this stream in flight.
-                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                    // The task in force when the frame arrives is the one that answers it.
-                    let task = shared.task.current();
-                    let router = shared.router.clone();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let seq = frame.seq;
-                        let kind = match router.route(seq, frame.features, task).await {
-                            Ok(p) => Out::Prediction(p),
-                            Err(e) => {
-                                tracing::debug!(seq, code = e.code.as_str(), error = %e.message, "frame failed");
-                                Out::Error(pb::FrameError { seq, code: e.code.grpc() as i32, message: e.message })
-                            }
-                        };
-                        let _ = tx.send(Ok(pb::CloudMessage { kind: Some(kind) })).await;
-                        drop(permit);
-                    });
+                    for frame in batch {
+                        frames += 1;
+                        // Backpressure: at most `limit` frames of this stream in flight.
+                        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                        // The task in force when the frame arrives is the one that answers it.
+                        let task = shared.task.current();
+                        let router = shared.router.clone();
+                        let answers = answers.clone();
+                        tokio::spawn(async move {
+                            let seq = frame.seq;
+                            let kind = match router.route(seq, frame.features, task).await {
+                                Ok(p) => Out::Prediction(p),
+                                Err(e) => {
+                                    tracing::debug!(seq, code = e.code.as_str(), error = %e.message, "frame failed");
+                                    Out::Error(pb::FrameError { seq, code: e.code.grpc() as i32, message: e.message })
+                                }
+                            };
+                            let _ = answers.send(kind).await;
+                            drop(permit);
+                        });
+                    }
                 }
                 tracing::info!(frames, "stream input closed; answering frames still in flight");
             }
