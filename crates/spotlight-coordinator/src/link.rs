@@ -28,13 +28,16 @@ const MAX_FRAMES_PER_MESSAGE: usize = 256;
 /// How often frames whose caller gave up (deadline) are forgotten.
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
-/// A frame for a worker.
+/// Frames for a worker, answered together.
 struct Request {
     /// The segments to run with their gains; frames sharing this `Arc` share a message.
     segments: Arc<[pb::SegmentRun]>,
-    features: pb::FeatureTensor,
-    reply: oneshot::Sender<Result<FrameLogits, ApiError>>,
+    features: Vec<pb::FeatureTensor>,
+    reply: Reply,
 }
+
+/// One answer per frame of a request, in order.
+pub type FrameAnswers = Vec<Result<FrameLogits, ApiError>>;
 
 /// The sending side of a worker's link; cheap to clone. The link's task ends when every
 /// clone is dropped.
@@ -68,12 +71,13 @@ impl WorkerLink {
         Self { tx }
     }
 
-    /// Sends one frame and waits for its logits (the caller applies its own deadline).
+    /// Sends frames and waits for their logits, one answer per frame in order (the caller
+    /// applies its own deadline). The outer error fails every frame (link or stream gone).
     pub async fn run(
         &self,
         segments: Arc<[pb::SegmentRun]>,
-        features: pb::FeatureTensor,
-    ) -> Result<FrameLogits, ApiError> {
+        features: Vec<pb::FeatureTensor>,
+    ) -> Result<FrameAnswers, ApiError> {
         let (reply, rx) = oneshot::channel();
         let closed = || ApiError::new(ErrorCode::Unavailable, "worker link closed");
         self.tx
@@ -87,11 +91,14 @@ impl WorkerLink {
     }
 }
 
-type Reply = oneshot::Sender<Result<FrameLogits, ApiError>>;
+type Reply = oneshot::Sender<Result<FrameAnswers, ApiError>>;
+
+/// Each request's reply and how many frames of a batch (in order) are its.
+type Replies = Vec<(Reply, usize)>;
 
 struct Pending {
     segments: Arc<[pb::SegmentRun]>,
-    replies: Vec<Reply>,
+    replies: Replies,
 }
 
 struct LinkTask {
@@ -121,17 +128,21 @@ impl LinkTask {
                 },
                 request = self.rx.recv() => {
                     let Some(first) = request else { break };
+                    let mut frames = first.features.len();
                     let mut requests = vec![first];
-                    while requests.len() < MAX_FRAMES_PER_MESSAGE {
+                    while frames < MAX_FRAMES_PER_MESSAGE {
                         match self.rx.try_recv() {
-                            Ok(r) => requests.push(r),
+                            Ok(r) => {
+                                frames += r.features.len();
+                                requests.push(r);
+                            }
                             Err(_) => break,
                         }
                     }
                     self.send(requests).await;
                 }
                 _ = sweep.tick() => {
-                    self.pending.retain(|_, p| p.replies.iter().any(|r| !r.is_closed()));
+                    self.pending.retain(|_, p| p.replies.iter().any(|r| !r.0.is_closed()));
                 }
             }
         }
@@ -175,7 +186,7 @@ impl LinkTask {
             return;
         }
         // Consecutive frames with the same segments share a message.
-        let mut batches: Vec<(pb::RunBatch, Arc<[pb::SegmentRun]>, Vec<Reply>)> = Vec::new();
+        let mut batches: Vec<(pb::RunBatch, Arc<[pb::SegmentRun]>, Replies)> = Vec::new();
         let mut last: Option<Arc<[pb::SegmentRun]>> = None;
         for r in requests {
             if r.reply.is_closed() {
@@ -198,8 +209,8 @@ impl LinkTask {
                 last = Some(r.segments.clone());
             }
             if let Some((batch, _, replies)) = batches.last_mut() {
-                batch.features.push(r.features);
-                replies.push(r.reply);
+                replies.push((r.reply, r.features.len()));
+                batch.features.extend(r.features);
             }
         }
         for (batch, segments, replies) in batches {
@@ -209,7 +220,7 @@ impl LinkTask {
                 self.pending.insert(id, Pending { segments, replies });
             } else {
                 let e = self.unavailable("run stream closed");
-                for r in replies {
+                for (r, _) in replies {
                     let _ = r.send(Err(e.clone()));
                 }
             }
@@ -218,11 +229,7 @@ impl LinkTask {
 
     /// Hands each frame of a result its logits or its error.
     fn answer(&mut self, result: pb::RunBatchResult) {
-        let Some(Pending {
-            segments,
-            mut replies,
-        }) = self.pending.remove(&result.batch_id)
-        else {
+        let Some(Pending { segments, replies }) = self.pending.remove(&result.batch_id) else {
             tracing::warn!(
                 worker_id = self.worker_id,
                 batch_id = result.batch_id,
@@ -230,7 +237,7 @@ impl LinkTask {
             );
             return;
         };
-        let n = replies.len();
+        let n: usize = replies.iter().map(|r| r.1).sum();
         let mut answers: Vec<Option<Result<FrameLogits, ApiError>>> = vec![None; n];
         match self.split(&result, &segments, n) {
             Ok(per_row) => {
@@ -252,14 +259,17 @@ impl LinkTask {
                 answers.iter_mut().for_each(|a| *a = Some(Err(e.clone())));
             }
         }
-        for (reply, answer) in replies.drain(..).zip(answers) {
-            let answer = answer.unwrap_or_else(|| {
+        let mut answers = answers.into_iter().map(|answer| {
+            answer.unwrap_or_else(|| {
                 Err(ApiError::new(
                     ErrorCode::Internal,
                     format!("worker \"{}\" left a frame unanswered", self.worker_id),
                 ))
-            });
-            let _ = reply.send(answer);
+            })
+        });
+        for (reply, count) in replies {
+            let mine: FrameAnswers = answers.by_ref().take(count).collect();
+            let _ = reply.send(Ok(mine));
         }
     }
 
@@ -376,7 +386,7 @@ impl LinkTask {
         self.inbound = None;
         let e = self.unavailable(why);
         for (_, pending) in self.pending.drain() {
-            for r in pending.replies {
+            for (r, _) in pending.replies {
                 let _ = r.send(Err(e.clone()));
             }
         }

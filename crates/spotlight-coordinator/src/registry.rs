@@ -46,19 +46,19 @@ impl WorkerEntry {
     }
 }
 
-/// Keeps an outstanding-request count up while a call is in flight.
-pub struct InFlight(Arc<WorkerEntry>);
+/// Keeps a worker's count of frames in flight up while a call is in flight.
+pub struct InFlight(Arc<WorkerEntry>, u32);
 
 impl InFlight {
-    pub fn new(worker: Arc<WorkerEntry>) -> Self {
-        worker.outstanding.fetch_add(1, Ordering::Relaxed);
-        Self(worker)
+    pub fn new(worker: Arc<WorkerEntry>, frames: u32) -> Self {
+        worker.outstanding.fetch_add(frames, Ordering::Relaxed);
+        Self(worker, frames)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.0.outstanding.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 

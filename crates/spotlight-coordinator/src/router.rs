@@ -8,7 +8,7 @@ use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::link::FrameLogits;
+use crate::link::FrameAnswers;
 use crate::registry::{InFlight, Registry};
 use crate::task::{ActiveTask, RouteGroup};
 
@@ -68,30 +68,85 @@ impl Router {
         features: Option<pb::FeatureTensor>,
         task: Arc<ActiveTask>,
     ) -> Result<pb::Prediction, ApiError> {
-        self.check_features(features.as_ref())?;
-        let features = features.unwrap_or_default();
-        let plan = &task.plan;
+        self.route_batch(vec![(seq, features)], task)
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "frame lost in routing")))
+    }
 
-        // One call per top-level branch; the feature bytes are shared, not copied.
-        let mut logits = vec![f32::NAN; self.model.categories().len()];
-        let mut fill = |answer: Result<FrameLogits, ApiError>| -> Result<(), ApiError> {
-            for (c, z) in answer? {
-                if let Some(slot) = logits.get_mut(c as usize) {
-                    *slot = z;
+    /// Answers frames that arrived together under `task`, one answer per frame in order.
+    /// Each top-level branch gets one call for all the frames (the feature bytes are shared,
+    /// not copied); a frame's answer is as if it had come alone.
+    pub async fn route_batch(
+        &self,
+        frames: Vec<(u64, Option<pb::FeatureTensor>)>,
+        task: Arc<ActiveTask>,
+    ) -> Vec<Result<pb::Prediction, ApiError>> {
+        let ncat = self.model.categories().len();
+        let mut answers: Vec<Result<Vec<f32>, ApiError>> = Vec::with_capacity(frames.len());
+        let mut valid = Vec::with_capacity(frames.len());
+        let mut tensors = Vec::with_capacity(frames.len());
+        for (i, (_, f)) in frames.iter().enumerate() {
+            match self.check_features(f.as_ref()) {
+                Ok(()) => {
+                    answers.push(Ok(vec![f32::NAN; ncat]));
+                    valid.push(i);
+                    tensors.push(f.clone().unwrap_or_default());
                 }
+                Err(e) => answers.push(Err(e)),
             }
-            Ok(())
-        };
-        match task.groups.as_slice() {
-            [one] => fill(self.call(one, features).await)?,
-            groups => {
-                let calls = groups.iter().map(|g| self.call(g, features.clone()));
-                for answer in futures::future::join_all(calls).await {
-                    fill(answer)?;
+        }
+        if !tensors.is_empty() {
+            let results = match task.groups.as_slice() {
+                [one] => vec![self.call(one, tensors).await],
+                groups => {
+                    let calls = groups.iter().map(|g| self.call(g, tensors.clone()));
+                    futures::future::join_all(calls).await
+                }
+            };
+            for result in results {
+                match result {
+                    Ok(per_frame) => {
+                        for (&i, answer) in valid.iter().zip(per_frame) {
+                            match (&mut answers[i], answer) {
+                                (Ok(logits), Ok(got)) => {
+                                    for (c, z) in got {
+                                        if let Some(slot) = logits.get_mut(c as usize) {
+                                            *slot = z;
+                                        }
+                                    }
+                                }
+                                (slot @ Ok(_), Err(e)) => *slot = Err(e),
+                                (Err(_), _) => {}
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        for &i in &valid {
+                            if answers[i].is_ok() {
+                                answers[i] = Err(e.clone());
+                            }
+                        }
+                    }
                 }
             }
         }
-        let scores = self.model.merge(plan, &logits).map_err(|c| {
+        frames
+            .into_iter()
+            .zip(answers)
+            .map(|((seq, _), logits)| self.prediction(seq, &task, &logits?))
+            .collect()
+    }
+
+    /// Merges one frame's logits under `task` into its prediction.
+    fn prediction(
+        &self,
+        seq: u64,
+        task: &ActiveTask,
+        logits: &[f32],
+    ) -> Result<pb::Prediction, ApiError> {
+        let plan = &task.plan;
+        let scores = self.model.merge(plan, logits).map_err(|c| {
             ApiError::new(
                 ErrorCode::Internal,
                 format!(
@@ -134,8 +189,8 @@ impl Router {
     async fn call(
         &self,
         group: &RouteGroup,
-        features: pb::FeatureTensor,
-    ) -> Result<FrameLogits, ApiError> {
+        features: Vec<pb::FeatureTensor>,
+    ) -> Result<FrameAnswers, ApiError> {
         let segments = &group.segments;
         let mut tried = Vec::new();
         loop {
@@ -162,10 +217,10 @@ impl Router {
                 ));
             };
             tried.push(worker.lease_id);
-            let _in_flight = InFlight::new(worker.clone());
+            let _in_flight = InFlight::new(worker.clone(), features.len() as u32);
             let call = worker.link.run(group.runs.clone(), features.clone());
             match tokio::time::timeout(self.limits.worker_timeout, call).await {
-                Ok(Ok(logits)) => return Ok(logits),
+                Ok(Ok(answers)) => return Ok(answers),
                 Ok(Err(e)) if e.code == ErrorCode::Unavailable && tried.len() < 2 => {
                     tracing::warn!(worker = worker.worker_id, error = %e.message, "worker unreachable; trying another replica");
                 }

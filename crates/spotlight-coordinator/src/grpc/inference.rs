@@ -161,24 +161,36 @@ impl pb::inference_server::Inference for InferenceService {
                             continue;
                         }
                     };
-                    for frame in batch {
-                        frames += 1;
+                    // Frames that came together are routed together (one call per branch),
+                    // in chunks no larger than the stream's in-flight limit.
+                    let mut batch = batch;
+                    while !batch.is_empty() {
+                        let rest = batch.split_off(batch.len().min(limit));
+                        let chunk = std::mem::replace(&mut batch, rest);
+                        frames += chunk.len() as u64;
                         // Backpressure: at most `limit` frames of this stream in flight.
-                        let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                        // The task in force when the frame arrives is the one that answers it.
+                        let Ok(permit) = permits.clone().acquire_many_owned(chunk.len() as u32).await else { break };
+                        // The task in force when the frames arrive is the one that answers them.
                         let task = shared.task.current();
                         let router = shared.router.clone();
                         let answers = answers.clone();
                         tokio::spawn(async move {
-                            let seq = frame.seq;
-                            let kind = match router.route(seq, frame.features, task).await {
-                                Ok(p) => Out::Prediction(p),
-                                Err(e) => {
-                                    tracing::debug!(seq, code = e.code.as_str(), error = %e.message, "frame failed");
-                                    Out::Error(pb::FrameError { seq, code: e.code.grpc() as i32, message: e.message })
+                            let chunk: Vec<(u64, Option<pb::FeatureTensor>)> =
+                                chunk.into_iter().map(|f| (f.seq, f.features)).collect();
+                            let seqs: Vec<u64> = chunk.iter().map(|c| c.0).collect();
+                            let results = router.route_batch(chunk, task).await;
+                            for (seq, result) in seqs.into_iter().zip(results) {
+                                let kind = match result {
+                                    Ok(p) => Out::Prediction(p),
+                                    Err(e) => {
+                                        tracing::debug!(seq, code = e.code.as_str(), error = %e.message, "frame failed");
+                                        Out::Error(pb::FrameError { seq, code: e.code.grpc() as i32, message: e.message })
+                                    }
+                                };
+                                if answers.send(kind).await.is_err() {
+                                    break;
                                 }
-                            };
-                            let _ = answers.send(kind).await;
+                            }
                             drop(permit);
                         });
                     }
