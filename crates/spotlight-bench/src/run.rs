@@ -209,7 +209,9 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
         8,
         128,
         Codec::Int8,
-        n * 2,
+        // Routing alone is fast: enough frames for the coordinator's CPU time to span
+        // many 10 ms ticks.
+        n * 10,
         "router all".into(),
     ));
     s.push(cloud(
@@ -228,7 +230,7 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
             8,
             128,
             Codec::Int8,
-            n * 2,
+            n * 10,
             "router one group".into(),
         ));
     }
