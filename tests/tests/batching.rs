@@ -412,3 +412,73 @@ async fn frame_batches_and_answer_batches_answer_every_frame_once() {
     }
     sandbox.stop().await;
 }
+
+/// `max_batch` caps the frames of one ONNX Runtime run even when one request brings more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_batch_caps_each_run_even_for_a_large_request() {
+    let sandbox = SandboxBuilder::new().start().await;
+    let model = sandbox.model.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = spotlight_worker::WorkerConfig {
+        worker_id: "small-batches".into(),
+        coordinator: format!("http://{}", sandbox.grpc),
+        branches: vec!["footwear".into()],
+        max_batch: 2,
+        heartbeat_ms: 300,
+        ..spotlight_worker::WorkerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(spotlight_worker::run(
+        config,
+        model.clone(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    sandbox.wait_for_workers(1).await;
+    let (images, _) = test_images(5);
+    let feats = features(&model, &images);
+    let mut client = BranchesClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let batch = pb::RunBatch {
+        batch_id: 1,
+        model_hash: model.hash().into(),
+        segments: vec![pb::SegmentRun {
+            segment_id: "footwear".into(),
+            gain: 1.0,
+        }],
+        features: feats
+            .iter()
+            .map(|f| tensor(&model, f, Codec::Int8))
+            .collect(),
+    };
+    let result = client
+        .run_stream(tokio_stream::iter(vec![batch]))
+        .await
+        .expect("stream")
+        .into_inner()
+        .next()
+        .await
+        .expect("a result")
+        .expect("ok");
+    assert_eq!(result.rows, [0, 1, 2, 3, 4]);
+    assert_eq!(result.outputs[0].logits.len(), 5 * 3);
+    let stats = client
+        .stats(pb::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.segments_run["footwear"], 5);
+    assert_eq!(
+        stats.segment_batches["footwear"], 3,
+        "runs of 2, 2 and 1 frames"
+    );
+    let _ = stop.send(());
+    let _ = worker.await;
+    sandbox.stop().await;
+}

@@ -57,7 +57,7 @@ impl From<EngineError> for tonic::Status {
 /// How the batcher coalesces frames.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchSettings {
-    /// Most frames in one ONNX Runtime run (a larger single request still runs whole).
+    /// Most frames in one ONNX Runtime run (a larger request runs in several).
     pub max_batch: usize,
     /// How long the oldest queued frame may wait for more to arrive; zero runs whatever is
     /// queued as soon as a batcher thread is free.
@@ -257,6 +257,7 @@ impl Engine {
         for (i, sessions) in sessions.into_iter().enumerate() {
             let mut batcher = Batcher {
                 model: model.clone(),
+                max_batch: batch.max_batch,
                 sessions,
                 counters: counters.clone(),
                 requests: requests.clone(),
@@ -519,6 +520,7 @@ fn refuse_all(n: usize, e: &EngineError) -> pb::RunBatchResult {
 /// One batcher thread's sessions and the work it does per batch.
 struct Batcher {
     model: Arc<Model>,
+    max_batch: usize,
     /// By segment index; `None` where not hosted.
     sessions: Vec<Option<SegmentSession>>,
     counters: Arc<Vec<Counters>>,
@@ -614,22 +616,40 @@ impl Batcher {
                 failed = Some(format!("segment {s} is not hosted"));
                 continue;
             };
-            match session.run(x, gains) {
-                Ok(out) => {
-                    let c = &self.counters[s];
-                    c.frames.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                    c.batches.fetch_add(1, Ordering::Relaxed);
-                    let features = out.features.unwrap_or_default();
-                    let feature_len = features.len() / rows.len();
-                    done[s] = Some(SegmentRows {
-                        rows,
-                        features,
-                        feature_len,
-                        logits: out.logits.unwrap_or_default(),
-                    });
+            // At most `max_batch` frames per ONNX Runtime run, even when one request
+            // brought more.
+            let width = x.len() / rows.len();
+            let (mut features, mut logits) = (Vec::new(), Vec::new());
+            let mut runs = 0u64;
+            for (xs, gs) in x
+                .chunks(width * self.max_batch)
+                .zip(gains.chunks(self.max_batch))
+            {
+                match session.run(xs.to_vec(), gs.to_vec()) {
+                    Ok(out) => {
+                        features.extend(out.features.unwrap_or_default());
+                        logits.extend(out.logits.unwrap_or_default());
+                        runs += 1;
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
                 }
-                Err(e) => failed = Some(e.to_string()),
             }
+            if failed.is_some() {
+                continue;
+            }
+            let c = &self.counters[s];
+            c.frames.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            c.batches.fetch_add(runs, Ordering::Relaxed);
+            let feature_len = features.len() / rows.len();
+            done[s] = Some(SegmentRows {
+                rows,
+                features,
+                feature_len,
+                logits,
+            });
         }
 
         // One result per job.
