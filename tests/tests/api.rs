@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use spotlight_proto::v1 as pb;
 use spotlight_tests::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -96,4 +97,34 @@ async fn http_watch_long_polls_until_the_task_changes() {
     assert_eq!(status, 400);
     assert!(body.contains("task must be JSON like"), "{body}");
     sandbox.stop().await;
+}
+
+/// An open `WatchTask` stream does not keep the coordinator from stopping: it ends, and the
+/// coordinator stops cleanly (the sandbox asserts within 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_task_watch_does_not_block_shutdown() {
+    let sandbox = SandboxBuilder::new().start().await;
+    let mut watch = sandbox
+        .control()
+        .await
+        .watch_task(pb::WatchTaskRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("ok").expect("current task");
+    assert_eq!(first.version, 1);
+    let started = std::time::Instant::now();
+    sandbox.stop().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch ends when the coordinator stops");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no further task after shutdown: {end:?}"
+    );
 }

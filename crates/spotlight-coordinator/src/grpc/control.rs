@@ -39,12 +39,18 @@ impl pb::control_server::Control for ControlService {
         _: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let mut rx = self.shared.task.subscribe();
+        let shared = self.shared.clone();
         let stream = async_stream(
             move |tx: tokio::sync::mpsc::Sender<Result<pb::Task, Status>>| async move {
                 loop {
                     let task = task_to_proto(&rx.borrow_and_update().clone());
-                    if tx.send(Ok(task)).await.is_err() || rx.changed().await.is_err() {
+                    if tx.send(Ok(task)).await.is_err() {
                         break;
+                    }
+                    // A watch must not hold the server open past shutdown (SIGTERM).
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { break },
+                        _ = shared.stopping() => break,
                     }
                 }
             },
