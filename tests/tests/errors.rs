@@ -331,3 +331,28 @@ async fn a_lease_is_renewed_only_by_its_holder() {
     );
     sandbox.stop().await;
 }
+
+/// A frame far larger than any valid tensor (5 MiB, over gRPC's default 4 MiB message
+/// limit) is answered with its own INVALID_ARGUMENT, and the frames after it still get
+/// predictions on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_frame_gets_its_own_error_and_the_stream_goes_on() {
+    let sandbox = SandboxBuilder::new().worker_per_branch().start().await;
+    let model = sandbox.model.clone();
+    let (images, _) = test_images(3);
+    let feats = features(&model, &images);
+    let mut msgs = frames(&model, &feats, Codec::Int8);
+    if let Some(pb::edge_message::Kind::Frame(f)) = &mut msgs[1].kind {
+        f.features.as_mut().expect("features").data = vec![7u8; 5 << 20].into();
+    }
+    let answers = sandbox.classify(msgs).await;
+    assert_frame_error(&answers[&1], tonic::Code::InvalidArgument, "bytes");
+    for seq in [0, 2] {
+        assert!(
+            matches!(answers[&seq], pb::cloud_message::Kind::Prediction(_)),
+            "frame {seq}: {:?}",
+            answers[&seq]
+        );
+    }
+    sandbox.stop().await;
+}

@@ -77,6 +77,10 @@ impl CoordinatorConfig {
     }
 }
 
+/// Largest edge message the coordinator decodes; beyond it the stream ends with
+/// OUT_OF_RANGE (the frame's seq cannot be read to answer it alone).
+pub const MAX_EDGE_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Pre-bound sockets, so callers (and tests) choose ports and know them before serving.
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -207,11 +211,14 @@ pub async fn run(
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::inference_server::InferenceServer::new(
-            grpc::inference::InferenceService {
+        .add_service(
+            pb::inference_server::InferenceServer::new(grpc::inference::InferenceService {
                 shared: shared.clone(),
-            },
-        ))
+            })
+            // Room for a full `FrameBatch` (4096 frames, even as f32); a frame of the wrong
+            // size below this gets its own INVALID_ARGUMENT and the stream goes on.
+            .max_decoding_message_size(MAX_EDGE_MESSAGE_BYTES),
+        )
         .add_service(pb::control_server::ControlServer::new(
             grpc::control::ControlService {
                 shared: shared.clone(),

@@ -135,7 +135,10 @@ impl pb::inference_server::Inference for InferenceService {
                         Ok(Some(m)) => m,
                         Ok(None) => break,
                         Err(status) => {
+                            // E.g. a message over the size limit: the edge learns why its
+                            // stream ended instead of seeing OK.
                             tracing::info!(error = %status, "stream ended by the edge");
+                            let _ = tx.send(Err(status)).await;
                             break;
                         }
                     };
