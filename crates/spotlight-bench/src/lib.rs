@@ -152,10 +152,13 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
+        // Relative to the working directory where possible: reports are committed.
         let onnxruntime = spotlight_runtime::resolve_library(None)
             .ok()
-            .and_then(|p| std::fs::canonicalize(p).ok())
-            .map(|p| p.display().to_string())
+            .map(|p| {
+                let cwd = std::env::current_dir().unwrap_or_default();
+                p.strip_prefix(&cwd).unwrap_or(&p).display().to_string()
+            })
             .unwrap_or_else(|| "unknown".into());
         Self {
             cores: cores(),

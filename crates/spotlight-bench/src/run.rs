@@ -384,13 +384,7 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
             }
             Scenario::Rounds { rounds } => {
                 let spec = ClusterSpec::default();
-                if cluster.as_ref().map(|c| &c.spec) != Some(&spec) {
-                    if let Some(c) = cluster.take() {
-                        c.stop().await;
-                    }
-                    cluster = Some(Cluster::start(&exe, &model, &logs, spec.clone()).await?);
-                }
-                let Some(c) = cluster.as_ref() else { continue };
+                let c = ensure_cluster(&mut cluster, &exe, &model, &logs, &spec).await?;
                 let slice = (opts.frames / 2).max(1);
                 let t = match tensor_cache.get("int8") {
                     Some(t) => t.clone(),
@@ -449,13 +443,7 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                 name,
             } => {
                 bar.set_message(name.clone());
-                if cluster.as_ref().map(|c| &c.spec) != Some(&spec) {
-                    if let Some(c) = cluster.take() {
-                        c.stop().await;
-                    }
-                    cluster = Some(Cluster::start(&exe, &model, &logs, spec.clone()).await?);
-                }
-                let Some(c) = cluster.as_ref() else { continue };
+                let c = ensure_cluster(&mut cluster, &exe, &model, &logs, &spec).await?;
                 c.set_task(&tasks[task].1).await?;
                 let key = codec_name(codec);
                 let t = match tensor_cache.get(key) {
@@ -507,13 +495,7 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
             } => {
                 bar.set_message(name.clone());
                 let spec = ClusterSpec::default();
-                if cluster.as_ref().map(|c| &c.spec) != Some(&spec) {
-                    if let Some(c) = cluster.take() {
-                        c.stop().await;
-                    }
-                    cluster = Some(Cluster::start(&exe, &model, &logs, spec.clone()).await?);
-                }
-                let Some(c) = cluster.as_ref() else { continue };
+                let c = ensure_cluster(&mut cluster, &exe, &model, &logs, &spec).await?;
                 c.set_task(&tasks[task].1).await?;
                 let mut m = crate::cloud::edge_process(
                     &exe,
@@ -575,6 +557,25 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
         rows,
         stages,
     })
+}
+
+/// The running cluster if it has `spec`, else a new one with it (the old one stopped).
+async fn ensure_cluster<'a>(
+    cluster: &'a mut Option<Cluster>,
+    exe: &std::path::Path,
+    model: &Arc<Model>,
+    logs: &std::path::Path,
+    spec: &ClusterSpec,
+) -> anyhow::Result<&'a Cluster> {
+    if cluster.as_ref().map(|c| &c.spec) != Some(spec) {
+        if let Some(c) = cluster.take() {
+            c.stop().await;
+        }
+        *cluster = Some(Cluster::start(exe, model, logs, spec.clone()).await?);
+    }
+    cluster
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("cluster not started"))
 }
 
 fn row(

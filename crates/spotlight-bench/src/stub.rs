@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::{Stream, StreamExt};
-use spotlight_codec::Codec;
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::registry_client::RegistryClient;
@@ -25,9 +24,6 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
-
-/// Most frames one `RunBatch` may carry (as on real workers).
-const MAX_FRAMES_PER_BATCH: usize = 4096;
 
 /// How long [`StubWorker::start`] keeps trying to reach the coordinator.
 const REGISTER_DEADLINE: Duration = Duration::from_secs(10);
@@ -322,21 +318,6 @@ struct State {
     segments: Vec<SegmentCounters>,
 }
 
-/// Why a whole batch is refused.
-struct Refusal {
-    code: Code,
-    message: String,
-}
-
-impl Refusal {
-    fn new(code: Code, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
 impl State {
     fn new(model: Arc<Model>, worker_id: String, hosted: Vec<bool>) -> Self {
         let segments = (0..hosted.len())
@@ -369,15 +350,27 @@ impl State {
         features: &[pb::FeatureTensor],
     ) -> pb::RunBatchResult {
         let n = features.len();
-        let wanted = match self.check(model_hash, segments, n) {
-            Ok(wanted) => wanted,
-            Err(refusal) => {
+        // The same checks, and so the same answers and errors, as a real worker.
+        let checked = spotlight_worker::engine::check_request(
+            &self.model,
+            &self.hosted,
+            model_hash,
+            segments,
+            features.to_vec(),
+        );
+        let (wanted, rows, errors) = match checked {
+            Ok(c) => (
+                c.segments.into_iter().map(|(s, _)| s).collect::<Vec<_>>(),
+                c.frames.into_iter().map(|(i, _)| i).collect::<Vec<u32>>(),
+                c.errors,
+            ),
+            Err(e) => {
                 return pb::RunBatchResult {
                     errors: (0..n as u32)
                         .map(|index| pb::ItemError {
                             index,
-                            code: refusal.code as i32,
-                            message: refusal.message.clone(),
+                            code: e.code() as i32,
+                            message: e.to_string(),
                         })
                         .collect(),
                     ..Default::default()
@@ -385,29 +378,6 @@ impl State {
             }
         };
         let model = &self.model;
-        let expected = model.feature_shape(1);
-        let mut rows = Vec::with_capacity(n);
-        let mut errors = Vec::new();
-        for (i, f) in features.iter().enumerate() {
-            let checked = if f.shape != expected {
-                Err(format!(
-                    "feature tensor has shape {:?}; expected {expected:?}",
-                    f.shape
-                ))
-            } else {
-                Codec::from_wire(f.codec)
-                    .and_then(|c| spotlight_codec::check_len(c, f.data.len(), model.feature_len()))
-                    .map_err(|e| e.to_string())
-            };
-            match checked {
-                Ok(()) => rows.push(i as u32),
-                Err(message) => errors.push(pb::ItemError {
-                    index: i as u32,
-                    code: Code::InvalidArgument as i32,
-                    message,
-                }),
-            }
-        }
         let mut outputs = Vec::new();
         if !rows.is_empty() {
             let ran = rows.len() as u64;
@@ -433,88 +403,6 @@ impl State {
             outputs,
             errors,
         }
-    }
-
-    /// The requested segment indices in tree order, or why the whole batch is refused.
-    fn check(
-        &self,
-        model_hash: &str,
-        segments: &[pb::SegmentRun],
-        frames: usize,
-    ) -> Result<Vec<usize>, Refusal> {
-        let model = &self.model;
-        if model_hash != model.hash() {
-            return Err(Refusal::new(
-                Code::FailedPrecondition,
-                format!(
-                    "request is for model {model_hash}, this worker runs {}",
-                    model.hash()
-                ),
-            ));
-        }
-        if segments.is_empty() {
-            return Err(Refusal::new(
-                Code::InvalidArgument,
-                "request names no segment",
-            ));
-        }
-        if frames > MAX_FRAMES_PER_BATCH {
-            return Err(Refusal::new(
-                Code::InvalidArgument,
-                format!("batch has {frames} frames; at most {MAX_FRAMES_PER_BATCH}"),
-            ));
-        }
-        let mut wanted = Vec::with_capacity(segments.len());
-        for r in segments {
-            let Some(s) = model.segment_index(&r.segment_id) else {
-                return Err(Refusal::new(
-                    Code::InvalidArgument,
-                    format!(
-                        "unknown segment \"{}\"; hosted here: {}",
-                        r.segment_id,
-                        self.segment_ids().join(", ")
-                    ),
-                ));
-            };
-            if !self.hosted[s] {
-                return Err(Refusal::new(
-                    Code::NotFound,
-                    format!("segment \"{}\" is not hosted here", r.segment_id),
-                ));
-            }
-            if !r.gain.is_finite() || r.gain < 0.0 {
-                return Err(Refusal::new(
-                    Code::InvalidArgument,
-                    format!(
-                        "gain of \"{}\" must be finite and >= 0, got {}",
-                        r.segment_id, r.gain
-                    ),
-                ));
-            }
-            if wanted.contains(&s) {
-                return Err(Refusal::new(
-                    Code::InvalidArgument,
-                    format!("segment \"{}\" is listed twice", r.segment_id),
-                ));
-            }
-            wanted.push(s);
-        }
-        wanted.sort_unstable();
-        for &s in &wanted {
-            if let Some(p) = model.parent_of(s)
-                && !wanted.contains(&p)
-            {
-                return Err(Refusal::new(
-                    Code::InvalidArgument,
-                    format!(
-                        "segment \"{}\" needs its parent \"{}\" in the same request",
-                        model.segments()[s].id,
-                        model.segments()[p].id
-                    ),
-                ));
-            }
-        }
-        Ok(wanted)
     }
 
     fn stats(&self) -> pb::StatsResponse {

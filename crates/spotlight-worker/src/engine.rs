@@ -293,12 +293,7 @@ impl Engine {
 
     /// Hosted segment ids, in tree order.
     pub fn segment_ids(&self) -> Vec<String> {
-        self.hosted
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| **h)
-            .map(|(s, _)| self.model.segments()[s].id.clone())
-            .collect()
+        hosted_ids(&self.model, &self.hosted)
     }
 
     /// Counters since start.
@@ -333,7 +328,12 @@ impl Engine {
         reply: Reply,
     ) {
         let n = features.len();
-        let (segments, frames, errors) = match self.check(model_hash, segments, features) {
+        let checked = check_request(&self.model, &self.hosted, model_hash, segments, features);
+        let CheckedRequest {
+            segments,
+            frames,
+            errors,
+        } = match checked {
             Ok(checked) => checked,
             Err(e) => {
                 reply(refuse_all(n, &e));
@@ -391,102 +391,121 @@ impl Engine {
             outputs: result.outputs,
         })
     }
-
-    /// Checks a request: the segments to run (parents first), the frames that passed the
-    /// checks, and the errors of those that did not.
-    fn check(
-        &self,
-        model_hash: &str,
-        segments: &[pb::SegmentRun],
-        features: Vec<pb::FeatureTensor>,
-    ) -> Result<Checked, EngineError> {
-        let model = &self.model;
-        if model_hash != model.hash() {
-            return Err(EngineError::WrongModel {
-                expected: model.hash().to_string(),
-                got: model_hash.to_string(),
-            });
-        }
-        if segments.is_empty() {
-            return Err(EngineError::BadRequest("request names no segment".into()));
-        }
-        let mut wanted: Vec<(usize, f32)> = Vec::with_capacity(segments.len());
-        for r in segments {
-            let s = model.segment_index(&r.segment_id).ok_or_else(|| {
-                EngineError::BadRequest(format!(
-                    "unknown segment \"{}\"; hosted here: {}",
-                    r.segment_id,
-                    self.segment_ids().join(", ")
-                ))
-            })?;
-            if !self.hosted[s] {
-                return Err(EngineError::NotHosted(r.segment_id.clone()));
-            }
-            if !r.gain.is_finite() || r.gain < 0.0 {
-                return Err(EngineError::BadRequest(format!(
-                    "gain of \"{}\" must be finite and >= 0, got {}",
-                    r.segment_id, r.gain
-                )));
-            }
-            if wanted.iter().any(|w| w.0 == s) {
-                return Err(EngineError::BadRequest(format!(
-                    "segment \"{}\" is listed twice",
-                    r.segment_id
-                )));
-            }
-            wanted.push((s, r.gain));
-        }
-        wanted.sort_by_key(|w| w.0);
-        for &(s, _) in &wanted {
-            if let Some(p) = model.parent_of(s)
-                && !wanted.iter().any(|w| w.0 == p)
-            {
-                return Err(EngineError::BadRequest(format!(
-                    "segment \"{}\" needs its parent \"{}\" in the same request",
-                    model.segments()[s].id,
-                    model.segments()[p].id
-                )));
-            }
-        }
-        if features.len() > MAX_FRAMES_PER_BATCH {
-            return Err(EngineError::BadRequest(format!(
-                "batch has {} frames; at most {MAX_FRAMES_PER_BATCH}",
-                features.len()
-            )));
-        }
-        let expected = model.feature_shape(1);
-        let mut frames = Vec::with_capacity(features.len());
-        let mut errors = Vec::new();
-        for (i, f) in features.into_iter().enumerate() {
-            let i = i as u32;
-            let checked = if f.shape != expected {
-                Err(format!(
-                    "feature tensor has shape {:?}; expected {expected:?}",
-                    f.shape
-                ))
-            } else {
-                Codec::from_wire(f.codec)
-                    .and_then(|c| spotlight_codec::check_len(c, f.data.len(), model.feature_len()))
-                    .map_err(|e| e.to_string())
-            };
-            match checked {
-                Ok(()) => frames.push((i, f)),
-                Err(message) => errors.push(pb::ItemError {
-                    index: i,
-                    code: tonic::Code::InvalidArgument as i32,
-                    message,
-                }),
-            }
-        }
-        Ok((wanted, frames, errors))
-    }
 }
 
-type Checked = (
-    Vec<(usize, f32)>,
-    Vec<(u32, pb::FeatureTensor)>,
-    Vec<pb::ItemError>,
-);
+/// Checks a request against the model and the segments hosted (`hosted[s]`): the
+/// segments to run (parents first), the frames that passed the checks, and the errors of
+/// those that did not. A worker, and any stand-in for one, answers with what this says.
+pub fn check_request(
+    model: &Model,
+    hosted: &[bool],
+    model_hash: &str,
+    segments: &[pb::SegmentRun],
+    features: Vec<pb::FeatureTensor>,
+) -> Result<CheckedRequest, EngineError> {
+    if model_hash != model.hash() {
+        return Err(EngineError::WrongModel {
+            expected: model.hash().to_string(),
+            got: model_hash.to_string(),
+        });
+    }
+    if segments.is_empty() {
+        return Err(EngineError::BadRequest("request names no segment".into()));
+    }
+    let mut wanted: Vec<(usize, f32)> = Vec::with_capacity(segments.len());
+    for r in segments {
+        let s = model.segment_index(&r.segment_id).ok_or_else(|| {
+            EngineError::BadRequest(format!(
+                "unknown segment \"{}\"; hosted here: {}",
+                r.segment_id,
+                hosted_ids(model, hosted).join(", ")
+            ))
+        })?;
+        if !hosted.get(s).copied().unwrap_or(false) {
+            return Err(EngineError::NotHosted(r.segment_id.clone()));
+        }
+        if !r.gain.is_finite() || r.gain < 0.0 {
+            return Err(EngineError::BadRequest(format!(
+                "gain of \"{}\" must be finite and >= 0, got {}",
+                r.segment_id, r.gain
+            )));
+        }
+        if wanted.iter().any(|w| w.0 == s) {
+            return Err(EngineError::BadRequest(format!(
+                "segment \"{}\" is listed twice",
+                r.segment_id
+            )));
+        }
+        wanted.push((s, r.gain));
+    }
+    wanted.sort_by_key(|w| w.0);
+    for &(s, _) in &wanted {
+        if let Some(p) = model.parent_of(s)
+            && !wanted.iter().any(|w| w.0 == p)
+        {
+            return Err(EngineError::BadRequest(format!(
+                "segment \"{}\" needs its parent \"{}\" in the same request",
+                model.segments()[s].id,
+                model.segments()[p].id
+            )));
+        }
+    }
+    if features.len() > MAX_FRAMES_PER_BATCH {
+        return Err(EngineError::BadRequest(format!(
+            "batch has {} frames; at most {MAX_FRAMES_PER_BATCH}",
+            features.len()
+        )));
+    }
+    let expected = model.feature_shape(1);
+    let mut frames = Vec::with_capacity(features.len());
+    let mut errors = Vec::new();
+    for (i, f) in features.into_iter().enumerate() {
+        let i = i as u32;
+        let checked = if f.shape != expected {
+            Err(format!(
+                "feature tensor has shape {:?}; expected {expected:?}",
+                f.shape
+            ))
+        } else {
+            Codec::from_wire(f.codec)
+                .and_then(|c| spotlight_codec::check_len(c, f.data.len(), model.feature_len()))
+                .map_err(|e| e.to_string())
+        };
+        match checked {
+            Ok(()) => frames.push((i, f)),
+            Err(message) => errors.push(pb::ItemError {
+                index: i,
+                code: tonic::Code::InvalidArgument as i32,
+                message,
+            }),
+        }
+    }
+    Ok(CheckedRequest {
+        segments: wanted,
+        frames,
+        errors,
+    })
+}
+
+/// A request that passed [`check_request`].
+pub struct CheckedRequest {
+    /// (segment index, gain), parents before children.
+    pub segments: Vec<(usize, f32)>,
+    /// (position in the request, tensor) of the frames that passed.
+    pub frames: Vec<(u32, pb::FeatureTensor)>,
+    /// Frames refused, with their errors.
+    pub errors: Vec<pb::ItemError>,
+}
+
+/// Ids of the hosted segments, in tree order.
+fn hosted_ids(model: &Model, hosted: &[bool]) -> Vec<String> {
+    hosted
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| **h)
+        .map(|(s, _)| model.segments()[s].id.clone())
+        .collect()
+}
 
 impl Drop for Engine {
     fn drop(&mut self) {
