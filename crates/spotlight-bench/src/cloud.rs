@@ -95,6 +95,8 @@ impl Cluster {
             &[
                 "--model".into(),
                 model_dir.clone(),
+                // Loopback only; TLS would add its own cost to every figure.
+                "--insecure".into(),
                 "coordinator".into(),
                 "--grpc-listen".into(),
                 grpc.to_string(),
@@ -154,6 +156,7 @@ impl Cluster {
                         &[
                             "--model".into(),
                             model_dir.clone(),
+                            "--insecure".into(),
                             "worker".into(),
                             "--coordinator".into(),
                             coordinator_url.clone(),
@@ -453,6 +456,7 @@ pub async fn edge_process(
         .args([
             "--model",
             &model.dir().display().to_string(),
+            "--insecure",
             "edge",
             "--coordinator",
         ])

@@ -17,6 +17,10 @@ pub enum ErrorCode {
     NotFound,
     /// Too much in flight.
     ResourceExhausted,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Valid credentials whose role may not do this.
+    PermissionDenied,
     /// A bug or an unexpected failure.
     Internal,
 }
@@ -31,6 +35,8 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => tonic::Code::DeadlineExceeded,
             ErrorCode::NotFound => tonic::Code::NotFound,
             ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
             ErrorCode::Internal => tonic::Code::Internal,
         }
     }
@@ -45,6 +51,8 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -58,6 +66,8 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::NotFound => "not_found",
             ErrorCode::ResourceExhausted => "resource_exhausted",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Internal => "internal",
         }
     }
@@ -73,6 +83,8 @@ impl ErrorCode {
             tonic::Code::DeadlineExceeded => ErrorCode::DeadlineExceeded,
             tonic::Code::NotFound => ErrorCode::NotFound,
             tonic::Code::ResourceExhausted => ErrorCode::ResourceExhausted,
+            tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
+            tonic::Code::PermissionDenied => ErrorCode::PermissionDenied,
             _ => ErrorCode::Internal,
         }
     }
@@ -105,6 +117,19 @@ impl From<ModelError> for ApiError {
             _ => ErrorCode::Internal,
         };
         ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<spotlight_service::AuthError> for ApiError {
+    fn from(e: spotlight_service::AuthError) -> Self {
+        match e {
+            spotlight_service::AuthError::Unauthenticated(m) => {
+                ApiError::new(ErrorCode::Unauthenticated, m)
+            }
+            spotlight_service::AuthError::PermissionDenied(m) => {
+                ApiError::new(ErrorCode::PermissionDenied, m)
+            }
+        }
     }
 }
 

@@ -6,11 +6,16 @@
 //! - `GET  /v1/model`                     model, segments, and the current cutout plan
 //! - `GET  /v1/workers`                   live workers
 //! - `GET  /livez`, `GET /readyz`         liveness; readiness = every segment has a live worker
+//!
+//! With tokens configured, every route but the probes needs `Authorization: Bearer <token>`:
+//! reads a reader or operator token, changes an operator token (401 without a valid token,
+//! 403 for a role that may not).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
+use axum::middleware::Next;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -33,7 +38,34 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/workers", get(workers))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            authorize,
+        ))
         .with_state(shared)
+}
+
+/// Probes are open; reads need a reader (or operator) token, anything else an operator one.
+async fn authorize(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    use spotlight_service::Access;
+    let access = match (request.uri().path(), request.method()) {
+        ("/livez" | "/readyz", _) => None,
+        (_, &axum::http::Method::GET | &axum::http::Method::HEAD) => Some(Access::Read),
+        _ => Some(Access::Operate),
+    };
+    if let Some(access) = access
+        && let Err(e) = s.config.security.authorize_http(request.headers(), access)
+    {
+        let mut response = ApiError::from(e).into_response();
+        if response.status() == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"spotlight\""),
+            );
+        }
+        return response;
+    }
+    next.run(request).await
 }
 
 impl IntoResponse for ApiError {

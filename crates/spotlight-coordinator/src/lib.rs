@@ -19,8 +19,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
+use spotlight_service::{Access, Alpn, Security};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 pub use error::{ApiError, ErrorCode};
 
@@ -42,6 +42,10 @@ pub struct CoordinatorConfig {
     pub worker_timeout_ms: u64,
     /// Frames of one stream in flight at once.
     pub max_in_flight_per_stream: usize,
+    /// TLS and tokens for every listener and for calls to workers (loaded from
+    /// `[security]` by the binary; the library default is plaintext and open).
+    #[serde(skip)]
+    pub security: Security,
 }
 
 impl Default for CoordinatorConfig {
@@ -54,6 +58,7 @@ impl Default for CoordinatorConfig {
             no_worker_wait_ms: 1000,
             worker_timeout_ms: 5000,
             max_in_flight_per_stream: 256,
+            security: Security::insecure(),
         }
     }
 }
@@ -105,6 +110,18 @@ impl Shared {
         let _ = rx.wait_for(|s| *s).await;
     }
 
+    /// Checks the caller's credentials for `access` (open when no tokens are configured).
+    pub(crate) fn authorize(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        access: Access,
+    ) -> Result<(), tonic::Status> {
+        self.config
+            .security
+            .authorize_grpc(metadata, access)
+            .map(|_| ())
+    }
+
     pub(crate) fn uncovered_segments(&self) -> Vec<String> {
         let live = self.registry.live();
         (0..self.model.segments().len())
@@ -142,7 +159,9 @@ pub async fn run(
     let registry = Arc::new(registry::Registry::new(
         model.clone(),
         Duration::from_millis(config.lease_ttl_ms),
+        config.security.clone(),
     ));
+    config.security.spawn_reloader();
     let limits = router::RouteLimits {
         no_worker_wait: Duration::from_millis(config.no_worker_wait_ms),
         worker_timeout: Duration::from_millis(config.worker_timeout_ms),
@@ -161,9 +180,12 @@ pub async fn run(
         router,
         stopping: stop_rx.clone(),
     });
+    let security = shared.config.security.clone();
     tracing::info!(
         grpc = ?listeners.grpc.local_addr().ok(),
         http = ?listeners.http.local_addr().ok(),
+        tls = security.tls(),
+        authenticated = security.authenticates(),
         model = shared.model.name(),
         task_version = shared.task.current().version,
         "coordinator serving"
@@ -230,13 +252,20 @@ pub async fn run(
             },
         ))
         .serve_with_incoming_shutdown(
-            // `Server::tcp_nodelay` does not apply to pre-bound listeners: without this,
-            // small answers wait for the peer's delayed ACK (~40 ms).
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            // TLS when configured; TCP_NODELAY either way (`Server::tcp_nodelay` does not
+            // apply to pre-bound listeners, and small answers would wait for delayed ACKs).
+            security
+                .incoming(listeners.grpc, Alpn::H2)
+                .map_err(CoordinatorError::Http)?,
             stopped(),
         );
-    let http =
-        axum::serve(listeners.http, http::router(shared.clone())).with_graceful_shutdown(stopped());
+    let http = axum::serve(
+        security
+            .incoming(listeners.http, Alpn::Http1)
+            .map_err(CoordinatorError::Http)?,
+        http::router(shared.clone()),
+    )
+    .with_graceful_shutdown(stopped());
 
     let (g, h) = tokio::join!(grpc, http.into_future());
     reaper.abort();

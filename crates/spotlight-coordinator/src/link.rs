@@ -54,11 +54,17 @@ impl std::fmt::Debug for WorkerLink {
 
 impl WorkerLink {
     /// Starts the link's task (on the current tokio runtime); connects on the first frame.
-    pub fn spawn(worker_id: String, client: BranchesClient<Channel>, model: Arc<Model>) -> Self {
+    pub fn spawn(
+        worker_id: String,
+        client: BranchesClient<Channel>,
+        model: Arc<Model>,
+        security: spotlight_service::Security,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = LinkTask {
             worker_id,
             client,
+            security,
             model_hash: model.hash().to_string(),
             model,
             rx,
@@ -104,6 +110,8 @@ struct Pending {
 struct LinkTask {
     worker_id: String,
     client: BranchesClient<Channel>,
+    /// The coordinator's bearer token goes on every run stream.
+    security: spotlight_service::Security,
     model_hash: String,
     model: Arc<Model>,
     rx: mpsc::UnboundedReceiver<Request>,
@@ -156,7 +164,9 @@ impl LinkTask {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        match self.client.run_stream(outbound).await {
+        let mut request = tonic::Request::new(outbound);
+        self.security.attach(&mut request);
+        match self.client.run_stream(request).await {
             Ok(response) => {
                 self.out = Some(tx);
                 self.inbound = Some(response.into_inner());

@@ -1,13 +1,13 @@
 //! Live workers: what they host, their leases, and how busy they are.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spotlight_model::Model;
 use spotlight_proto::v1::branches_client::BranchesClient;
-use tonic::transport::Endpoint;
+use spotlight_service::Security;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::link::WorkerLink;
@@ -66,24 +66,18 @@ impl Drop for InFlight {
 pub struct Registry {
     model: Arc<Model>,
     ttl: Duration,
-    next_lease: AtomicU64,
+    security: Security,
     workers: Mutex<HashMap<u64, Arc<WorkerEntry>>>,
     changed: tokio::sync::Notify,
 }
 
 impl Registry {
-    pub fn new(model: Arc<Model>, ttl: Duration) -> Self {
-        // Lease ids must not repeat across coordinator restarts: a worker still holding an
-        // old lease would otherwise renew a lease the new coordinator gave someone else.
-        let first_lease = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1)
-            .max(1);
+    /// `security` dials workers (TLS, the coordinator's bearer token).
+    pub fn new(model: Arc<Model>, ttl: Duration, security: Security) -> Self {
         Self {
             model,
             ttl,
-            next_lease: AtomicU64::new(first_lease),
+            security,
             workers: Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
         }
@@ -136,17 +130,19 @@ impl Registry {
                 format!("worker \"{worker_id}\" hosts no segment"),
             ));
         }
-        let channel = Endpoint::from_shared(endpoint.clone())
+        let channel = self
+            .security
+            .endpoint(&endpoint)
             .map_err(|e| {
                 ApiError::new(
                     ErrorCode::InvalidArgument,
-                    format!("bad worker endpoint \"{endpoint}\": {e}"),
+                    format!("bad worker endpoint from \"{worker_id}\": {e}"),
                 )
             })?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
-        let lease_id = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        let lease_id = self.new_lease_id()?;
         let entry = Arc::new(WorkerEntry {
             lease_id,
             worker_id: worker_id.clone(),
@@ -156,6 +152,7 @@ impl Registry {
                 worker_id.clone(),
                 BranchesClient::new(channel).max_decoding_message_size(64 << 20),
                 self.model.clone(),
+                self.security.clone(),
             ),
             outstanding: AtomicU32::new(0),
             expires: Mutex::new(Instant::now() + self.ttl),
@@ -170,6 +167,25 @@ impl Registry {
         );
         self.changed.notify_waiters();
         Ok(lease_id)
+    }
+
+    /// A lease id nobody can guess (64 random bits from the OS) and not in use: holding it is
+    /// what lets a worker renew or drop its lease, and ids never repeat across restarts.
+    fn new_lease_id(&self) -> Result<u64, ApiError> {
+        let workers = self.lock();
+        loop {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("no randomness for a lease id: {e}"),
+                )
+            })?;
+            let id = u64::from_le_bytes(bytes);
+            if id != 0 && !workers.contains_key(&id) {
+                return Ok(id);
+            }
+        }
     }
 
     /// Renews a lease held by `worker_id` (empty: any holder, for old clients).

@@ -47,6 +47,9 @@ pub enum EdgeError {
         model_hash: String,
         message: String,
     },
+    /// The coordinator refused the edge's credentials (UNAUTHENTICATED / PERMISSION_DENIED).
+    #[error("coordinator {endpoint} refused the edge's credentials: {message}")]
+    Unauthorized { endpoint: String, message: String },
     /// Reconnecting failed `attempts` times in a row.
     #[error(
         "coordinator {endpoint} unreachable after {attempts} attempts (last: {last}); \

@@ -52,6 +52,8 @@ pub struct RunOptions {
     pub progress: Option<watch::Sender<u64>>,
     /// A pre-bound listener for the local API; takes precedence over `config.listen`.
     pub local_listener: Option<TcpListener>,
+    /// TLS to the coordinator and the edge's bearer token (default: plaintext, no token).
+    pub security: spotlight_service::Security,
 }
 
 /// Runs the edge agent until the dataset source is exhausted and answered (when there is
@@ -80,13 +82,13 @@ pub async fn run_with(
         .await
 }
 
-fn endpoint(coordinator: &str) -> Result<Endpoint, EdgeError> {
-    Ok(Endpoint::from_shared(coordinator.to_string())
-        .map_err(|e| {
-            EdgeError::Config(format!(
-                "coordinator \"{coordinator}\" is not a valid URI: {e}"
-            ))
-        })?
+fn endpoint(
+    security: &spotlight_service::Security,
+    coordinator: &str,
+) -> Result<Endpoint, EdgeError> {
+    Ok(security
+        .endpoint(coordinator)
+        .map_err(|e| EdgeError::Config(format!("coordinator: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -104,7 +106,8 @@ async fn run_validated(
     options: RunOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Summary, EdgeError> {
-    let endpoint = endpoint(&config.coordinator)?;
+    let endpoint = endpoint(&options.security, &config.coordinator)?;
+    let security = options.security.clone();
     let dataset = {
         let (source, model) = (config.source.clone(), model.clone());
         tokio::task::spawn_blocking(move || source::load(&source, &model))
@@ -221,6 +224,7 @@ async fn run_validated(
     );
     let mut driver = driver;
     driver.answer_timeout = Duration::from_millis(config.answer_timeout_ms);
+    driver.security = security;
     let mut driver = tokio::spawn(driver.run().in_current_span());
     let shutdown = std::pin::pin!(shutdown);
     let result = tokio::select! {

@@ -205,6 +205,8 @@ pub(crate) struct StreamDriver {
     /// Frames waiting longer than this with no answer at all mean a stuck stream:
     /// reconnect and re-send.
     pub answer_timeout: Duration,
+    /// Adds the edge's bearer token to every stream it opens.
+    pub security: spotlight_service::Security,
     input_open: bool,
     deadline: Option<tokio::time::Instant>,
 }
@@ -235,6 +237,7 @@ impl StreamDriver {
             stop,
             stop_rx,
             answer_timeout: Duration::from_secs(30),
+            security: spotlight_service::Security::insecure(),
             input_open: true,
             deadline: None,
         }
@@ -363,8 +366,10 @@ impl StreamDriver {
         tx.send(hello)
             .await
             .map_err(|_| OpenError::Retry("request stream closed before hello".into()))?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        self.security.attach(&mut request);
         let mut inbound = client
-            .stream(ReceiverStream::new(rx))
+            .stream(request)
             .await
             .map_err(|s| self.classify(s))?
             .into_inner();
@@ -400,6 +405,15 @@ impl StreamDriver {
             OpenError::Fatal(EdgeError::ModelMismatch {
                 endpoint: self.coordinator.clone(),
                 model_hash: self.hello.model_hash.clone(),
+                message: status.message().to_string(),
+            })
+        } else if matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ) {
+            // Retrying with the same token cannot help.
+            OpenError::Fatal(EdgeError::Unauthorized {
+                endpoint: self.coordinator.clone(),
                 message: status.message().to_string(),
             })
         } else {

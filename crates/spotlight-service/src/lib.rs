@@ -362,6 +362,11 @@ impl Security {
         }
     }
 
+    /// An interceptor that adds this process's bearer token to every call of a client.
+    pub fn interceptor(&self) -> BearerInterceptor {
+        BearerInterceptor(self.bearer.clone())
+    }
+
     /// The bearer header value, for HTTP clients.
     pub fn bearer(&self) -> Option<&AsciiMetadataValue> {
         self.bearer.as_ref()
@@ -439,6 +444,23 @@ impl Security {
         });
     }
 }
+
+/// Adds a bearer token to every call (`Client::with_interceptor`).
+#[derive(Clone)]
+pub struct BearerInterceptor(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for BearerInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A gRPC channel that carries a bearer token on every call.
+pub type AuthChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerInterceptor>;
 
 #[cfg(test)]
 mod tests {

@@ -14,9 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
+use spotlight_service::{Access, Alpn, Security};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use engine::{BatchSettings, Engine, EngineError};
@@ -48,6 +48,11 @@ pub struct WorkerConfig {
     pub intra_threads: usize,
     /// Heartbeat period; keep well under the coordinator's lease TTL.
     pub heartbeat_ms: u64,
+    /// TLS for Branches and for registering, the worker token for registering, the tokens
+    /// allowed to call Branches (loaded from `[security]` by the binary; the library default
+    /// is plaintext and open).
+    #[serde(skip)]
+    pub security: Security,
 }
 
 impl Default for WorkerConfig {
@@ -64,6 +69,7 @@ impl Default for WorkerConfig {
             queue_capacity: 4096,
             intra_threads: 1,
             heartbeat_ms: 2000,
+            security: Security::insecure(),
         }
     }
 }
@@ -149,6 +155,7 @@ pub enum WorkerError {
 
 struct BranchesService {
     engine: Arc<Engine>,
+    security: Security,
 }
 
 #[tonic::async_trait]
@@ -157,6 +164,8 @@ impl pb::branches_server::Branches for BranchesService {
         &self,
         request: Request<pb::RunRequest>,
     ) -> Result<Response<pb::RunResponse>, Status> {
+        self.security
+            .authorize_grpc(request.metadata(), Access::Branches)?;
         Ok(Response::new(self.engine.run(request.into_inner()).await?))
     }
 
@@ -166,6 +175,8 @@ impl pb::branches_server::Branches for BranchesService {
         &self,
         request: Request<Streaming<pb::RunBatch>>,
     ) -> Result<Response<Self::RunStreamStream>, Status> {
+        self.security
+            .authorize_grpc(request.metadata(), Access::Branches)?;
         let mut inbound = request.into_inner();
         // Unbounded, yet bounded in practice: each result answers a batch that the engine's
         // bounded queue admitted (or refused at once).
@@ -199,8 +210,10 @@ impl pb::branches_server::Branches for BranchesService {
 
     async fn stats(
         &self,
-        _: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        self.security
+            .authorize_grpc(request.metadata(), Access::Branches)?;
         Ok(Response::new(self.engine.stats()))
     }
 }
@@ -222,8 +235,9 @@ pub async fn run(
     let advertise = config
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
-    tracing::info!(worker_id = config.worker_id, %local, advertise, segments = ?engine.segment_ids(), "worker serving");
+        .unwrap_or_else(|| format!("{}://{local}", config.security.scheme()));
+    config.security.spawn_reloader();
+    tracing::info!(worker_id = config.worker_id, %local, advertise, segments = ?engine.segment_ids(), tls = config.security.tls(), authenticated = config.security.authenticates(), "worker serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
@@ -251,13 +265,17 @@ pub async fn run(
         .add_service(
             pb::branches_server::BranchesServer::new(BranchesService {
                 engine: engine.clone(),
+                security: config.security.clone(),
             })
             .max_decoding_message_size(16 << 20),
         )
         .serve_with_incoming_shutdown(
-            // `Server::tcp_nodelay` does not apply to pre-bound listeners: without this,
-            // small answers wait for the peer's delayed ACK (~40 ms).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // TLS when configured; TCP_NODELAY either way (`Server::tcp_nodelay` does not
+            // apply to pre-bound listeners, and small answers would wait for delayed ACKs).
+            config
+                .security
+                .incoming(listener, Alpn::H2)
+                .map_err(|e| WorkerError::Config(format!("serving: {e}")))?,
             stopped(),
         );
     let server = tokio::spawn(server);
@@ -269,6 +287,7 @@ pub async fn run(
         segments: engine.segment_ids(),
         model_hash: model.hash().to_string(),
         heartbeat: Duration::from_millis(config.heartbeat_ms),
+        security: config.security.clone(),
     };
     let registered = registration.keep(stopped()).await;
     // A refused registration (e.g. another model) stops the server too.

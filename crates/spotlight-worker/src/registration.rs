@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::registry_client::RegistryClient;
-use tonic::transport::{Channel, Endpoint};
+use spotlight_service::Security;
+use tonic::transport::Channel;
 
 use crate::WorkerError;
 
@@ -18,6 +19,8 @@ pub(crate) struct Registration {
     pub segments: Vec<String>,
     pub model_hash: String,
     pub heartbeat: Duration,
+    /// TLS to the coordinator and the worker token.
+    pub security: Security,
 }
 
 impl Registration {
@@ -26,13 +29,10 @@ impl Registration {
     /// (other model, unknown segment) is final.
     pub(crate) async fn keep(self, stop: impl Future<Output = ()>) -> Result<(), WorkerError> {
         tokio::pin!(stop);
-        let channel = Endpoint::from_shared(self.coordinator.clone())
-            .map_err(|e| {
-                WorkerError::Registration(format!(
-                    "bad coordinator endpoint \"{}\": {e}",
-                    self.coordinator
-                ))
-            })?
+        let channel = self
+            .security
+            .endpoint(&self.coordinator)
+            .map_err(|e| WorkerError::Registration(format!("coordinator endpoint: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         let mut client = RegistryClient::new(channel);
@@ -61,10 +61,10 @@ impl Registration {
                     }
                 },
                 Some(id) => match client
-                    .heartbeat(pb::HeartbeatRequest {
+                    .heartbeat(self.request(pb::HeartbeatRequest {
                         lease_id: id,
                         worker_id: self.worker_id.clone(),
-                    })
+                    }))
                     .await
                 {
                     Ok(_) => self.heartbeat,
@@ -87,7 +87,7 @@ impl Registration {
         if let Some(id) = lease {
             match tokio::time::timeout(
                 Duration::from_secs(2),
-                client.deregister(pb::DeregisterRequest { lease_id: id }),
+                client.deregister(self.request(pb::DeregisterRequest { lease_id: id })),
             )
             .await
             {
@@ -103,12 +103,12 @@ impl Registration {
 
     async fn register(&self, client: &mut RegistryClient<Channel>) -> Result<u64, tonic::Status> {
         let response = client
-            .register(pb::RegisterRequest {
+            .register(self.request(pb::RegisterRequest {
                 worker_id: self.worker_id.clone(),
                 endpoint: self.endpoint.clone(),
                 segments: self.segments.clone(),
                 model_hash: self.model_hash.clone(),
-            })
+            }))
             .await?
             .into_inner();
         tracing::info!(
@@ -120,9 +120,23 @@ impl Registration {
     }
 }
 
+impl Registration {
+    /// A call carrying the worker's token.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        self.security.attach(&mut request);
+        request
+    }
+}
+
+/// Refusals that retrying cannot fix: another model, an unknown segment, credentials the
+/// coordinator does not accept.
 fn is_final(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+        tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
     )
 }

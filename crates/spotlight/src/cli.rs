@@ -18,6 +18,29 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long, global = true)]
     pub log_format: Option<String>,
+    /// Run plaintext without authentication: anyone who reaches a port may call it. Only on
+    /// a network you trust; without it, roles refuse to start with no certificates.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+    /// CA certificate (PEM) that peers' certificates chain to.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// This process's certificate chain (PEM): served by coordinator and worker, presented
+    /// as client certificate with --mtls.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub key: Option<PathBuf>,
+    /// Tokens file (coordinator, worker): who may call, by role (see `spotlight certs`).
+    #[arg(long, global = true, value_name = "TOML")]
+    pub tokens: Option<PathBuf>,
+    /// File holding this process's bearer token.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Mutual TLS: servers require client certificates signed by --ca; clients present --cert.
+    #[arg(long, global = true)]
+    pub mtls: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,6 +60,9 @@ pub enum Command {
     Task(TaskArgs),
     /// Show a model's segment tree and what a task keeps and excludes.
     Inspect(InspectArgs),
+    /// Write a development CA, a certificate per role and a bearer token per role, and
+    /// print the settings each role needs.
+    Certs(CertsArgs),
     /// Measure the split path beside the monolithic model in one run: peer, cloud roles as
     /// separate processes (CPU per frame), every role in one process, routing capacity.
     /// Writes results.json, SVG plots and a Markdown report.
@@ -66,6 +92,20 @@ pub struct BenchArgs {
     /// Fashion-MNIST directory (idx .gz files).
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     pub dataset: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Directory to write into.
+    #[arg(long, default_value = "secrets")]
+    pub out: PathBuf,
+    /// Extra name or IP address the coordinator and worker certificates are valid for
+    /// (repeatable); localhost, 127.0.0.1 and ::1 are always included.
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

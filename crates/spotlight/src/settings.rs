@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use spotlight_coordinator::CoordinatorConfig;
 use spotlight_edge::EdgeConfig;
+use spotlight_service::SecurityConfig;
 use spotlight_worker::WorkerConfig;
 
 /// Everything every role reads; each role uses its own section.
@@ -18,6 +19,8 @@ pub struct Settings {
     /// ONNX Runtime shared library; unset = `ORT_DYLIB_PATH`, then `build/onnxruntime/`.
     pub onnxruntime: Option<PathBuf>,
     pub log: LogSettings,
+    /// TLS and credentials of this process (`spotlight certs` writes a development set).
+    pub security: SecurityConfig,
     pub coordinator: CoordinatorConfig,
     pub worker: WorkerConfig,
     pub edge: EdgeConfig,
@@ -30,6 +33,7 @@ impl Default for Settings {
             model: PathBuf::from("models/fashion-mnist-nested"),
             onnxruntime: None,
             log: LogSettings::default(),
+            security: SecurityConfig::default(),
             coordinator: CoordinatorConfig::default(),
             worker: WorkerConfig::default(),
             edge: EdgeConfig::default(),

@@ -73,6 +73,7 @@ fn addr_after(line: &str, key: &str) -> String {
 fn roles_run_as_separate_processes() {
     let (_coordinator, line) = start(
         &[
+            "--insecure",
             "coordinator",
             "--grpc-listen",
             "127.0.0.1:0",
@@ -84,6 +85,7 @@ fn roles_run_as_separate_processes() {
     let grpc = format!("http://{}", addr_after(&line, "\"grpc\""));
     let (_w1, _) = start(
         &[
+            "--insecure",
             "worker",
             "--coordinator",
             &grpc,
@@ -98,6 +100,7 @@ fn roles_run_as_separate_processes() {
     );
     let (_w2, _) = start(
         &[
+            "--insecure",
             "worker",
             "--coordinator",
             &grpc,
@@ -112,6 +115,7 @@ fn roles_run_as_separate_processes() {
     );
 
     let out = spotlight(&[
+        "--insecure",
         "task",
         "set",
         "--coordinator",
@@ -132,6 +136,7 @@ fn roles_run_as_separate_processes() {
     assert_eq!(task["version"], 2);
 
     let out = spotlight(&[
+        "--insecure",
         "task",
         "set",
         "--coordinator",
@@ -150,6 +155,7 @@ fn roles_run_as_separate_processes() {
     );
 
     let out = spotlight(&[
+        "--insecure",
         "edge",
         "--coordinator",
         &grpc,
@@ -184,4 +190,168 @@ fn roles_run_as_separate_processes() {
         stdout.contains("frames 200  predictions 200  errors 0"),
         "summary missing:\n{stdout}"
     );
+}
+
+#[test]
+fn roles_refuse_to_start_without_credentials_unless_insecure() {
+    for args in [
+        &[
+            "coordinator",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ][..],
+        &["worker", "--listen", "127.0.0.1:0"],
+        &["edge", "--limit", "1"],
+        &["task", "get"],
+    ] {
+        let out = spotlight(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} started without credentials");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("spotlight certs") && err.contains("--insecure"),
+            "{args:?}: the refusal must say how to set up credentials: {err}"
+        );
+    }
+}
+
+/// `spotlight certs`, then every role with its own certificate and token over TLS: the
+/// operator changes the task, a reader may not, nobody without a token may, and an edge
+/// streams predictions.
+#[test]
+fn roles_run_over_tls_with_tokens_from_spotlight_certs() {
+    let dir = std::env::temp_dir().join(format!("spotlight-certs-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.display().to_string();
+    let out = spotlight(&["certs", "--out", &d]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let f = |name: &str| format!("{d}/{name}");
+    let (_coordinator, line) = start(
+        &[
+            "coordinator",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--ca",
+            &f("ca.pem"),
+            "--cert",
+            &f("coordinator.pem"),
+            "--key",
+            &f("coordinator.key"),
+            "--tokens",
+            &f("tokens.toml"),
+            "--token-file",
+            &f("coordinator.token"),
+        ],
+        "coordinator serving",
+    );
+    let grpc = format!("https://{}", addr_after(&line, "\"grpc\""));
+    let (_worker, _) = start(
+        &[
+            "worker",
+            "--coordinator",
+            &grpc,
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "w-tls",
+            "--ca",
+            &f("ca.pem"),
+            "--cert",
+            &f("worker.pem"),
+            "--key",
+            &f("worker.key"),
+            "--tokens",
+            &f("tokens.toml"),
+            "--token-file",
+            &f("worker.token"),
+        ],
+        "registered with coordinator",
+    );
+    let task = |token: Option<&str>, set: bool| {
+        let mut args = vec!["task".to_string()];
+        args.push(if set { "set".into() } else { "get".into() });
+        args.extend(["--coordinator".into(), grpc.clone(), "--ca".into(), f("ca.pem")]);
+        if let Some(t) = token {
+            args.extend(["--token-file".into(), f(t)]);
+        }
+        if set {
+            args.extend(["--categories".into(), "Sneaker,Bag".into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spotlight(&args).output().unwrap()
+    };
+    let set = task(Some("operator.token"), true);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&set.stdout).unwrap();
+    assert_eq!(v["version"], 2);
+    let denied = task(Some("reader.token"), true);
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success() && err.contains("PermissionDenied"), "{err}");
+    let read = task(Some("reader.token"), false);
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(v["version"], 2, "the refused change changed nothing");
+    // The edge token streams frames but is no operator.
+    let edge_set = task(Some("edge.token"), true);
+    assert!(!edge_set.status.success());
+    // Plaintext to the TLS port is refused, not downgraded.
+    let plain = spotlight(&[
+        "task",
+        "get",
+        "--insecure",
+        "--coordinator",
+        &grpc.replace("https://", "http://"),
+    ])
+    .output()
+    .unwrap();
+    assert!(!plain.status.success());
+
+    let out = spotlight(&[
+        "edge",
+        "--coordinator",
+        &grpc,
+        "--ca",
+        &f("ca.pem"),
+        "--token-file",
+        &f("edge.token"),
+        "--idx-images",
+        "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+        "--limit",
+        "100",
+        "--output",
+        "-",
+    ])
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("frames 100  predictions 100  errors 0"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An edge with a reader token is refused at once, with the reason.
+    let out = spotlight(&[
+        "edge",
+        "--coordinator",
+        &grpc,
+        "--ca",
+        &f("ca.pem"),
+        "--token-file",
+        &f("reader.token"),
+        "--idx-images",
+        "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+        "--limit",
+        "5",
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("refused the edge's credentials"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use futures::Stream;
 use spotlight_model::TaskSpec;
 use spotlight_proto::v1 as pb;
+use spotlight_service::Access;
 use tonic::{Request, Response, Status};
 
 use super::task_to_proto;
@@ -15,7 +16,11 @@ pub struct ControlService {
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
-    async fn get_task(&self, _: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        self.shared.authorize(request.metadata(), Access::Read)?;
         Ok(Response::new(task_to_proto(&self.shared.task.current())))
     }
 
@@ -23,6 +28,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::SetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        self.shared.authorize(request.metadata(), Access::Operate)?;
         let r = request.into_inner();
         let spec = TaskSpec {
             categories: r.categories,
@@ -36,8 +42,9 @@ impl pb::control_server::Control for ControlService {
 
     async fn watch_task(
         &self,
-        _: Request<pb::WatchTaskRequest>,
+        request: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        self.shared.authorize(request.metadata(), Access::Read)?;
         let mut rx = self.shared.task.subscribe();
         let shared = self.shared.clone();
         let stream = async_stream(
@@ -60,8 +67,9 @@ impl pb::control_server::Control for ControlService {
 
     async fn get_model(
         &self,
-        _: Request<pb::GetModelRequest>,
+        request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
+        self.shared.authorize(request.metadata(), Access::Read)?;
         let m = &self.shared.model;
         Ok(Response::new(pb::ModelInfo {
             name: m.name().to_string(),
@@ -87,8 +95,9 @@ impl pb::control_server::Control for ControlService {
 
     async fn list_workers(
         &self,
-        _: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        self.shared.authorize(request.metadata(), Access::Read)?;
         let m = &self.shared.model;
         let workers = self
             .shared

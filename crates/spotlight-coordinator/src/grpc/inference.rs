@@ -6,6 +6,7 @@ use spotlight_proto::v1::cloud_message::Kind as Out;
 use spotlight_proto::v1::edge_message::Kind as In;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use spotlight_service::Access;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -30,6 +31,7 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<Streaming<pb::EdgeMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        self.shared.authorize(request.metadata(), Access::Infer)?;
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {

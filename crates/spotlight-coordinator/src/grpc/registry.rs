@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use spotlight_proto::v1 as pb;
+use spotlight_service::Access;
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
@@ -15,6 +16,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.shared.authorize(request.metadata(), Access::Register)?;
         let r = request.into_inner();
         let registry = &self.shared.registry;
         let lease_id = registry.register(r.worker_id, r.endpoint, &r.segments, &r.model_hash)?;
@@ -28,6 +30,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.shared.authorize(request.metadata(), Access::Register)?;
         let r = request.into_inner();
         self.shared.registry.heartbeat(r.lease_id, &r.worker_id)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
@@ -37,6 +40,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.shared.authorize(request.metadata(), Access::Register)?;
         self.shared
             .registry
             .deregister(request.into_inner().lease_id)?;

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod bench;
+mod certs;
 mod inspect;
 mod roles;
 mod task;
@@ -22,12 +23,31 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if let Some(f) = &cli.log_format {
         overrides.push(("log.format".to_string(), f.clone()));
     }
+    if cli.insecure {
+        overrides.push(("security.insecure".to_string(), "true".to_string()));
+    }
+    if cli.mtls {
+        overrides.push(("security.mtls".to_string(), "true".to_string()));
+    }
+    for (key, path) in [
+        ("security.ca", &cli.ca),
+        ("security.cert", &cli.cert),
+        ("security.key", &cli.key),
+        ("security.tokens", &cli.tokens),
+        ("security.token", &cli.token_file),
+    ] {
+        if let Some(p) = path {
+            overrides.push((key.to_string(), p.display().to_string()));
+        }
+    }
     let command_overrides = match &cli.command {
         Command::Up(a) => up::overrides(a),
         Command::Edge(a) => roles::edge_overrides(a),
         Command::Coordinator(a) => roles::coordinator_overrides(a),
         Command::Worker(a) => roles::worker_overrides(a),
-        Command::Task(_) | Command::Inspect(_) | Command::Bench(_) => Vec::new(),
+        Command::Task(_) | Command::Inspect(_) | Command::Bench(_) | Command::Certs(_) => {
+            Vec::new()
+        }
     };
     overrides.extend(command_overrides);
     let sources = Sources {
@@ -37,7 +57,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     };
     let settings = Settings::load(&sources).map_err(anyhow::Error::msg)?;
     let default_filter = match cli.command {
-        Command::Up(_) | Command::Task(_) | Command::Inspect(_) | Command::Bench(_) => "warn",
+        Command::Up(_)
+        | Command::Task(_)
+        | Command::Inspect(_)
+        | Command::Bench(_)
+        | Command::Certs(_) => "warn",
         _ => "info",
     };
     crate::telemetry::init(&settings.log, default_filter);
@@ -46,7 +70,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Edge(_) => roles::edge(settings).await,
         Command::Coordinator(_) => roles::coordinator(settings).await,
         Command::Worker(_) => roles::worker(settings).await,
-        Command::Task(a) => task::run(a).await,
+        Command::Task(a) => task::run(settings, a).await,
+        Command::Certs(a) => certs::run(a),
         Command::Inspect(a) => inspect::run(settings, a),
         Command::Bench(a) => bench::run(settings, a).await,
     }
@@ -58,6 +83,22 @@ fn load_model(settings: &Settings) -> anyhow::Result<Arc<Model>> {
     let model =
         Model::load(&dir).with_context(|| format!("loading model package {}", dir.display()))?;
     Ok(Arc::new(model))
+}
+
+/// Secure by default: the role's TLS and credentials, or a refusal that says how to set
+/// them up, unless `--insecure`.
+fn load_security(
+    settings: &Settings,
+    side: spotlight_service::Side,
+) -> anyhow::Result<spotlight_service::Security> {
+    settings
+        .security
+        .require(side)
+        .map_err(anyhow::Error::msg)?;
+    if settings.security.insecure {
+        tracing::warn!("--insecure: plaintext, and every caller is trusted");
+    }
+    spotlight_service::Security::load(&settings.security).context("loading [security]")
 }
 
 /// Loads ONNX Runtime (only roles that run models need it).

@@ -3,7 +3,9 @@
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use super::{init_onnxruntime, load_model, shutdown_signal};
+use spotlight_service::Side;
+
+use super::{init_onnxruntime, load_model, load_security, shutdown_signal};
 use crate::cli::{CoordinatorArgs, EdgeArgs, WorkerArgs, split_list};
 use crate::settings::Settings;
 
@@ -66,8 +68,10 @@ pub fn worker_overrides(a: &WorkerArgs) -> Vec<(String, String)> {
 }
 
 pub async fn coordinator(settings: Settings) -> anyhow::Result<()> {
+    let security = load_security(&settings, Side::Coordinator)?;
     let model = load_model(&settings)?;
-    let c = settings.coordinator;
+    let mut c = settings.coordinator;
+    c.security = security;
     let grpc = TcpListener::bind(c.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC {}", c.grpc_listen))?;
@@ -85,9 +89,11 @@ pub async fn coordinator(settings: Settings) -> anyhow::Result<()> {
 }
 
 pub async fn worker(settings: Settings) -> anyhow::Result<()> {
+    let security = load_security(&settings, Side::Worker)?;
     init_onnxruntime(&settings)?;
     let model = load_model(&settings)?;
-    let w = settings.worker;
+    let mut w = settings.worker;
+    w.security = security;
     let listener = TcpListener::bind(w.listen)
         .await
         .with_context(|| format!("binding {}", w.listen))?;
@@ -96,9 +102,15 @@ pub async fn worker(settings: Settings) -> anyhow::Result<()> {
 }
 
 pub async fn edge(settings: Settings) -> anyhow::Result<()> {
+    let security = load_security(&settings, Side::Edge)?;
     init_onnxruntime(&settings)?;
     let model = load_model(&settings)?;
-    let summary = spotlight_edge::run(settings.edge, model, shutdown_signal()).await?;
+    let options = spotlight_edge::RunOptions {
+        security,
+        ..Default::default()
+    };
+    let summary =
+        spotlight_edge::run_with(settings.edge, model, options, shutdown_signal()).await?;
     println!("{summary}");
     Ok(())
 }

@@ -4,7 +4,11 @@ use anyhow::Context;
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::control_client::ControlClient;
 
+use spotlight_service::Side;
+
+use super::load_security;
 use crate::cli::{TaskAction, TaskArgs, parse_gains, split_list};
+use crate::settings::Settings;
 
 fn print(task: &pb::Task) {
     let gains: std::collections::BTreeMap<_, _> = task.gains.iter().collect();
@@ -14,10 +18,15 @@ fn print(task: &pb::Task) {
     );
 }
 
-pub async fn run(args: TaskArgs) -> anyhow::Result<()> {
-    let mut client = ControlClient::connect(args.coordinator.clone())
+pub async fn run(settings: Settings, args: TaskArgs) -> anyhow::Result<()> {
+    let security = load_security(&settings, Side::Client)?;
+    let channel = security
+        .endpoint(&args.coordinator)
+        .map_err(anyhow::Error::msg)?
+        .connect()
         .await
         .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+    let mut client = ControlClient::with_interceptor(channel, security.interceptor());
     match args.action {
         TaskAction::Get => print(
             &client

@@ -8,6 +8,8 @@ use anyhow::Context;
 use spotlight_edge::{RunOptions, SourceConfig};
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::control_client::ControlClient;
+use spotlight_service::certs::DevPki;
+use spotlight_service::{AuthChannel, Role, Security};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -62,12 +64,35 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
             .context("--switch-to")?;
     }
 
+    // Throwaway credentials for this run (TLS and a token per role), unless --insecure. The
+    // files go to a temporary directory removed at exit, so `spotlight task` can be pointed
+    // at this run while it serves.
+    let creds = if settings.security.insecure {
+        tracing::warn!("--insecure: plaintext, and every caller is trusted");
+        None
+    } else {
+        let pki = DevPki::generate(&[]).map_err(anyhow::Error::msg)?;
+        let dir = tempfile::Builder::new()
+            .prefix("spotlight-up-")
+            .tempdir()
+            .context("temporary directory for throwaway credentials")?;
+        pki.write(dir.path(), true).map_err(anyhow::Error::msg)?;
+        Some((pki, dir))
+    };
+    let security = |role: Role| -> anyhow::Result<Security> {
+        Ok(match &creds {
+            Some((pki, _)) => pki.security(role, false)?,
+            None => Security::insecure(),
+        })
+    };
+
     // Workers stop before the coordinator, so that they can still deregister with it.
     let (stop_coordinator, coordinator_stop) = watch::channel(false);
     let (stop_workers, workers_stop) = watch::channel(false);
 
     // Coordinator.
-    let c = settings.coordinator.clone();
+    let mut c = settings.coordinator.clone();
+    c.security = security(Role::Coordinator)?;
     let grpc = TcpListener::bind(loopback(c.grpc_listen))
         .await
         .with_context(|| {
@@ -91,7 +116,8 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         spotlight_coordinator::Listeners { grpc, http },
         stopped(&coordinator_stop),
     ));
-    let coordinator_url = format!("http://{grpc_addr}");
+    let scheme = if creds.is_some() { "https" } else { "http" };
+    let coordinator_url = format!("{scheme}://{grpc_addr}");
 
     // A worker per top-level branch (× replicas).
     let roots: Vec<String> = model
@@ -109,6 +135,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
                 coordinator: coordinator_url.clone(),
                 branches: vec![root.clone()],
                 advertise: None,
+                security: security(Role::Worker)?,
                 ..settings.worker.clone()
             };
             workers.push(tokio::spawn(spotlight_worker::run(
@@ -120,7 +147,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let expected = roots.len() * settings.up.replicas;
-    let mut control = connect(&coordinator_url).await?;
+    let mut control = connect(&security(Role::Operator)?, &coordinator_url).await?;
     wait_for_workers(&mut control, expected).await?;
     eprintln!(
         "spotlight up: model {} ({} categories, {} segments), coordinator grpc {grpc_addr} http {http_addr}, {expected} workers",
@@ -182,6 +209,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
     if run_edge {
         let options = RunOptions {
             progress: Some(progress_tx),
+            security: security(Role::Edge)?,
             ..RunOptions::default()
         };
         let summary =
@@ -191,9 +219,19 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
     switcher.abort();
 
     if settings.up.serve {
-        eprintln!(
-            "spotlight up: serving until Ctrl-C — try `curl -s http://{http_addr}/v1/task` or `spotlight task get --coordinator {coordinator_url}`"
-        );
+        match &creds {
+            Some((_, dir)) => {
+                let d = dir.path().display();
+                eprintln!(
+                    "spotlight up: serving until Ctrl-C with throwaway credentials in {d} — try\n  \
+                     curl -s --cacert {d}/ca.pem -H \"Authorization: Bearer $(cat {d}/reader.token)\" https://{http_addr}/v1/task\n  \
+                     spotlight task get --coordinator {coordinator_url} --ca {d}/ca.pem --token-file {d}/operator.token"
+                );
+            }
+            None => eprintln!(
+                "spotlight up: serving until Ctrl-C (insecure) — try `curl -s http://{http_addr}/v1/task` or `spotlight task get --insecure --coordinator {coordinator_url}`"
+            ),
+        }
         shutdown_signal().await;
     }
     let _ = stop_workers.send(true);
@@ -213,10 +251,14 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<ControlClient<tonic::transport::Channel>> {
+async fn connect(security: &Security, url: &str) -> anyhow::Result<ControlClient<AuthChannel>> {
+    let endpoint = security.endpoint(url).map_err(anyhow::Error::msg)?;
     for _ in 0..100 {
-        if let Ok(c) = ControlClient::connect(url.to_string()).await {
-            return Ok(c);
+        if let Ok(channel) = endpoint.connect().await {
+            return Ok(ControlClient::with_interceptor(
+                channel,
+                security.interceptor(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -224,7 +266,7 @@ async fn connect(url: &str) -> anyhow::Result<ControlClient<tonic::transport::Ch
 }
 
 async fn wait_for_workers(
-    control: &mut ControlClient<tonic::transport::Channel>,
+    control: &mut ControlClient<AuthChannel>,
     n: usize,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
