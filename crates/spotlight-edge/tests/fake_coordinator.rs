@@ -199,6 +199,7 @@ async fn broken_stream_is_resumed_and_every_frame_reported_once() {
     let options = RunOptions {
         progress: Some(progress),
         local_listener: None,
+        ..RunOptions::default()
     };
     let summary = spotlight_edge::run_with(
         config(url, 200, &out),
@@ -328,6 +329,7 @@ async fn local_api_classifies_images_and_rejects_garbage() {
     let options = RunOptions {
         progress: None,
         local_listener: Some(listener),
+        ..RunOptions::default()
     };
     let run = tokio::spawn(spotlight_edge::run_with(cfg, model, options, async move {
         let _ = stop_rx.await;
