@@ -84,8 +84,8 @@ pub enum CodecError {
     /// Quantisation parameters unusable.
     #[error("int8 scale must be finite and > 0, got {0}")]
     BadScale(f32),
-    /// Quantisation zero point not a number.
-    #[error("int8 zero_point must be finite, got {0}")]
+    /// Quantisation zero point not a number or outside the byte range.
+    #[error("int8 zero_point must be finite and within [0, 255], got {0}")]
     BadZeroPoint(f32),
     /// Quantisation parameters that decode values beyond [`MAX_ABS_VALUE`].
     #[error(
@@ -173,13 +173,13 @@ pub fn check_len(codec: Codec, bytes: usize, values: usize) -> Result<(), CodecE
     }
 }
 
-/// Checks int8 quantisation parameters: a finite scale > 0 and a finite zero point such that
-/// every byte decodes within ±[`MAX_ABS_VALUE`].
+/// Checks int8 quantisation parameters: a finite scale > 0 and a zero point within the byte
+/// range (as the encoder writes them) such that every byte decodes within ±[`MAX_ABS_VALUE`].
 pub fn check_int8_params(scale: f32, zero_point: f32) -> Result<(), CodecError> {
     if !scale.is_finite() || scale <= 0.0 {
         return Err(CodecError::BadScale(scale));
     }
-    if !zero_point.is_finite() {
+    if !(0.0..=255.0).contains(&zero_point) {
         return Err(CodecError::BadZeroPoint(zero_point));
     }
     // f64: the reach of absurd parameters must not overflow before it is compared. One
@@ -378,7 +378,11 @@ mod tests {
                 "int8 scale must be finite and > 0, got NaN",
             ),
             (0.0, 128.0, "int8 scale must be finite and > 0, got 0"),
-            (0.01, f32::NAN, "int8 zero_point must be finite, got NaN"),
+            (
+                0.01,
+                f32::NAN,
+                "int8 zero_point must be finite and within [0, 255], got NaN",
+            ),
             (
                 1e30,
                 128.0,
@@ -387,7 +391,17 @@ mod tests {
             (
                 1.0,
                 -1e6,
-                "int8 scale 1 with zero_point -1000000 decodes values up to 1000255; at most 10000 allowed",
+                "int8 zero_point must be finite and within [0, 255], got -1000000",
+            ),
+            (
+                0.01,
+                255.5,
+                "int8 zero_point must be finite and within [0, 255], got 255.5",
+            ),
+            (
+                100.0,
+                0.0,
+                "int8 scale 100 with zero_point 0 decodes values up to 25500; at most 10000 allowed",
             ),
         ] {
             let got =

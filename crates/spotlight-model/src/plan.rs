@@ -20,45 +20,88 @@ pub const MAX_PATH_GAIN: f64 = 1.0e4;
 /// Longest category name or gain key accepted, in bytes (the shipped names have ≤ 11).
 pub const MAX_NAME_LEN: usize = 128;
 
-/// What the cloud should care about, as operators write it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// What the cloud should care about, as operators write it. Read only from an object
+/// (`{"categories": [...], "gains": {...}}`): serde's derive would also take a sequence,
+/// so that `[]` read as the all-categories task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TaskSpec {
     /// Relevant category names; empty means every category.
-    #[serde(default)]
     pub categories: Vec<String>,
     /// Top-down gains by category name or segment id; absent means 1. A key given twice
     /// is refused, not silently overwritten.
-    #[serde(default, deserialize_with = "unique_keys")]
     pub gains: BTreeMap<String, f32>,
 }
 
-/// A JSON object into a map, refusing a key given twice (serde keeps the last by default).
-fn unique_keys<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f32>, D::Error> {
-    struct Visitor;
-    impl<'de> serde::de::Visitor<'de> for Visitor {
-        type Value = BTreeMap<String, f32>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object of gains by category name or segment id")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some((key, gain)) = map.next_entry::<String, f32>()? {
-                if out.contains_key(&key) {
-                    return Err(serde::de::Error::custom(format!(
-                        "gain for \"{}\" is given twice",
-                        shorten(&key)
-                    )));
-                }
-                out.insert(key, gain);
+impl<'de> Deserialize<'de> for TaskSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const FIELDS: &[&str] = &["categories", "gains"];
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TaskSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a task object like {\"categories\": [...], \"gains\": {...}}")
             }
-            Ok(out)
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TaskSpec, A::Error> {
+                let (mut categories, mut gains) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "categories" if categories.is_none() => {
+                            categories = Some(map.next_value::<Vec<String>>()?);
+                        }
+                        "gains" if gains.is_none() => {
+                            gains = Some(map.next_value::<UniqueGains>()?.0);
+                        }
+                        "categories" => {
+                            return Err(serde::de::Error::duplicate_field("categories"));
+                        }
+                        "gains" => return Err(serde::de::Error::duplicate_field("gains")),
+                        other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
+                    }
+                }
+                Ok(TaskSpec {
+                    categories: categories.unwrap_or_default(),
+                    gains: gains.unwrap_or_default(),
+                })
+            }
         }
+        // As a struct, so that a `#[serde(flatten)]` around it takes these fields.
+        d.deserialize_struct("TaskSpec", FIELDS, Visitor)
     }
-    d.deserialize_map(Visitor)
+}
+
+/// Gains read from an object, refusing a key given twice (serde keeps the last by default).
+struct UniqueGains(BTreeMap<String, f32>);
+
+impl<'de> Deserialize<'de> for UniqueGains {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueGains;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of gains by category name or segment id")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueGains, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((key, gain)) = map.next_entry::<String, f32>()? {
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "gain for \"{}\" is given twice",
+                            shorten(&key)
+                        )));
+                    }
+                    out.insert(key, gain);
+                }
+                Ok(UniqueGains(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 /// A name as error messages quote it: at most `MAX_NAME_LEN` bytes.

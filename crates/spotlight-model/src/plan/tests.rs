@@ -232,6 +232,39 @@ fn a_gain_key_given_twice_in_json_is_refused() {
     );
     let ok: TaskSpec = serde_json::from_str(r#"{"gains": {"c0": 2, "a": 3}}"#).unwrap();
     assert_eq!(ok.gains.len(), 2);
+    assert_eq!(
+        serde_json::from_str::<TaskSpec>(r#"{"categories": ["c1"]}"#).unwrap(),
+        task(&["c1"], &[])
+    );
+}
+
+#[test]
+fn a_task_is_read_only_from_an_object_of_known_fields() {
+    for (json, err) in [
+        ("[]", "invalid type: sequence, expected a task object"),
+        (
+            r#"[["c0"], {}]"#,
+            "invalid type: sequence, expected a task object",
+        ),
+        (
+            r#"{"category": []}"#,
+            "unknown field `category`, expected `categories` or `gains`",
+        ),
+        (r#"{"gains": {}, "gains": {}}"#, "duplicate field `gains`"),
+        (
+            r#"{"categories": "c0"}"#,
+            "invalid type: string \"c0\", expected a sequence",
+        ),
+    ] {
+        let got = serde_json::from_str::<TaskSpec>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(got.contains(err), "{json}: {got}");
+    }
+    assert_eq!(
+        serde_json::from_str::<TaskSpec>("{}").unwrap(),
+        TaskSpec::default()
+    );
 }
 
 #[test]
