@@ -514,3 +514,46 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
         .unwrap_or_default();
     (status, body)
 }
+
+/// An HTTP answer: status, header block (lower-cased names as sent) and body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+/// Like [`http`], with any content type (`None`: no header) and a body of raw bytes.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> HttpReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let content_type = content_type
+        .map(|c| format!("Content-Type: {c}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    s.write_all(body).await.expect("write body");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let (headers, body) = out.split_once("\r\n\r\n").unwrap_or((out.as_str(), ""));
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    HttpReply {
+        status,
+        headers: headers.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
+}

@@ -113,6 +113,7 @@ impl From<ModelError> for ApiError {
             ModelError::UnknownCategory { .. }
             | ModelError::UnknownGainTarget { .. }
             | ModelError::BadGain { .. }
+            | ModelError::BadTask(_)
             | ModelError::EmptyTask => ErrorCode::InvalidArgument,
             _ => ErrorCode::Internal,
         };

@@ -96,6 +96,13 @@ impl Registry {
         segments: &[String],
         model_hash: &str,
     ) -> Result<u64, ApiError> {
+        if worker_id.is_empty() {
+            // Heartbeats and logs name the worker; an empty id would match any lease.
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "worker id is empty; give a stable id such as the pod name",
+            ));
+        }
         if model_hash != self.model.hash() {
             return Err(ApiError::new(
                 ErrorCode::FailedPrecondition,

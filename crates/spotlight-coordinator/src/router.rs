@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spotlight_codec::Codec;
-use spotlight_model::Model;
+use spotlight_model::{MergeError, Model};
 use spotlight_proto::v1 as pb;
 
 use crate::error::{ApiError, ErrorCode};
@@ -146,16 +146,25 @@ impl Router {
         logits: &[f32],
     ) -> Result<pb::Prediction, ApiError> {
         let plan = &task.plan;
-        let scores = self.model.merge(plan, logits).map_err(|c| {
-            ApiError::new(
-                ErrorCode::Internal,
-                format!(
-                    "no worker returned a logit for category \"{}\"",
-                    self.model.categories()[c]
-                ),
-            )
-        })?;
         let names = self.model.categories();
+        // Worker answers were checked (finite logits) and task gains bounded: a merge that
+        // still fails is a fault here, never a prediction carrying NaN.
+        let scores = self.model.merge(plan, logits).map_err(|e| {
+            let message = match e {
+                MergeError::Missing(c) => {
+                    format!("no worker returned a logit for category \"{}\"", names[c])
+                }
+                MergeError::NonFinite {
+                    category,
+                    logit,
+                    log_gain,
+                } => format!(
+                    "category \"{}\" has no finite score (logit {logit}, gain offset {log_gain})",
+                    names[category]
+                ),
+            };
+            ApiError::new(ErrorCode::Internal, message)
+        })?;
         let top = scores.top().unwrap_or_default();
         Ok(pb::Prediction {
             seq,

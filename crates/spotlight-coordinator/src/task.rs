@@ -169,3 +169,36 @@ async fn persist(path: &Path, state: &Persisted) -> Result<(), ApiError> {
     tokio::fs::write(&tmp, json).await.map_err(err)?;
     tokio::fs::rename(&tmp, path).await.map_err(err)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn persisted_tasks_round_trip_and_refuse_a_gain_given_twice() {
+        let state = Persisted {
+            version: 7,
+            spec: TaskSpec {
+                categories: vec!["Bag".into()],
+                gains: [("Bag".to_string(), 2.0f32), ("footwear".to_string(), 0.5)]
+                    .into_iter()
+                    .collect(),
+            },
+        };
+        let json = serde_json::to_string(&state).unwrap();
+        let back: Persisted = serde_json::from_str(&json).unwrap();
+        assert_eq!((back.version, back.spec), (7, state.spec));
+        let twice = r#"{"version": 2, "categories": [], "gains": {"Bag": 2, "Bag": 3}}"#;
+        let err = serde_json::from_str::<Persisted>(twice)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .unwrap_or("")
+                .contains("gain for \"Bag\" is given twice"),
+            "{err:?}"
+        );
+    }
+}

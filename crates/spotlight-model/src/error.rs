@@ -41,9 +41,13 @@ pub enum ModelError {
         categories: String,
         segments: String,
     },
-    /// A gain is negative or not finite.
-    #[error("gain for \"{name}\" must be a finite number >= 0, got {gain}")]
-    BadGain { name: String, gain: f32 },
+    /// A gain is negative, not finite, or above the limit.
+    #[error("gain for \"{name}\" must be a finite number in [0, {max}], got {gain}")]
+    BadGain { name: String, gain: f32, max: f32 },
+    /// A task breaks a stated limit: a category listed twice, too many entries, a name
+    /// too long, gains that multiply past the limit along a path.
+    #[error("{0}")]
+    BadTask(String),
     /// The task leaves nothing to predict.
     #[error(
         "task leaves no category to predict (every relevant category is cut out by a gain of 0)"

@@ -12,7 +12,9 @@ pub use error::ModelError;
 pub use manifest::{
     BackboneSpec, FullSpec, InputSpec, Manifest, SCHEMA, SegmentSpec, TensorSpec, content_hash,
 };
-pub use plan::{CategoryScore, Plan, Scores, TaskSpec};
+pub use plan::{
+    CategoryScore, MAX_GAIN, MAX_NAME_LEN, MAX_PATH_GAIN, MergeError, Plan, Scores, TaskSpec,
+};
 pub use preprocess::preprocess;
 
 use std::collections::HashMap;

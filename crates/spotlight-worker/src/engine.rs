@@ -467,8 +467,13 @@ pub fn check_request(
                 f.shape
             ))
         } else {
+            // Values too: a NaN, an infinity or a huge value (or int8 parameters that decode
+            // one) would overflow the branches into NaN logits.
             Codec::from_wire(f.codec)
-                .and_then(|c| spotlight_codec::check_len(c, f.data.len(), model.feature_len()))
+                .and_then(|c| {
+                    spotlight_codec::check_len(c, f.data.len(), model.feature_len())?;
+                    spotlight_codec::check_values(c, &f.data, f.scale, f.zero_point)
+                })
                 .map_err(|e| e.to_string())
         };
         match checked {

@@ -147,18 +147,29 @@ impl pb::inference_server::Inference for InferenceService {
                     let batch = match msg.kind {
                         Some(In::Frame(f)) => vec![f],
                         Some(In::Frames(b)) if b.frames.len() <= MAX_FRAMES_PER_MESSAGE => b.frames,
-                        other => {
-                            let message = match other {
-                                Some(In::Frames(b)) => format!(
-                                    "a frame batch holds at most {MAX_FRAMES_PER_MESSAGE} frames, got {}; none of them was run",
-                                    b.frames.len()
-                                ),
-                                _ => "expected a frame; hello may only be sent once".into(),
-                            };
+                        Some(In::Frames(b)) => {
+                            // Every frame gets its own answer, as the contract says.
+                            let message = format!(
+                                "a frame batch holds at most {MAX_FRAMES_PER_MESSAGE} frames, got {}; none of them was run",
+                                b.frames.len()
+                            );
+                            for f in b.frames {
+                                let error = pb::FrameError {
+                                    seq: f.seq,
+                                    code: ErrorCode::InvalidArgument.grpc() as i32,
+                                    message: message.clone(),
+                                };
+                                if answers.send(Out::Error(error)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                        _ => {
                             let error = pb::FrameError {
                                 seq: 0,
                                 code: ErrorCode::InvalidArgument.grpc() as i32,
-                                message,
+                                message: "expected a frame; hello may only be sent once".into(),
                             };
                             if answers.send(Out::Error(error)).await.is_err() {
                                 break;

@@ -119,7 +119,7 @@ fn merge_normalises_over_relevant_categories_only() {
     let p1 = scores.scores[0].score;
     assert!((p1 - 2.0 / 3.0).abs() < 1e-6, "{p1}");
     assert!((scores.scores.iter().map(|s| s.score).sum::<f32>() - 1.0).abs() < 1e-6);
-    assert_eq!(m.merge(&plan, &[f32::NAN; 4]), Err(0));
+    assert_eq!(m.merge(&plan, &[f32::NAN; 4]), Err(MergeError::Missing(0)));
 }
 
 #[test]
@@ -142,4 +142,144 @@ fn validation_rejects_inconsistent_trees() {
             .to_string()
             .contains("not supported")
     );
+}
+
+#[test]
+fn gains_outside_the_stated_range_are_refused_naming_the_key_and_value() {
+    let m = model();
+    for bad in [f32::INFINITY, f32::NAN, -0.5, MAX_GAIN * 1.01, 1e30] {
+        let err = m.plan(&task(&[], &[("c0", bad)])).unwrap_err();
+        assert!(matches!(err, ModelError::BadGain { .. }), "{bad}: {err}");
+        assert_eq!(
+            err.to_string(),
+            format!("gain for \"c0\" must be a finite number in [0, 1000], got {bad}")
+        );
+    }
+    // The limit itself is accepted, and its ln is a modest logit offset.
+    let plan = m.plan(&task(&[], &[("c0", MAX_GAIN)])).unwrap();
+    assert!((plan.log_gains[0] - MAX_GAIN.ln()).abs() < 1e-6);
+}
+
+#[test]
+fn segment_gains_multiplying_past_the_limit_along_a_path_are_refused() {
+    let m = model();
+    let err = m
+        .plan(&task(&[], &[("a", 1000.0), ("a.x", 1000.0)]))
+        .unwrap_err();
+    assert!(matches!(err, ModelError::BadTask(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("segment gains along a=1000 → a.x=1000 multiply to 1000000; at most 10000"),
+        "{err}"
+    );
+    // Within the limit, and a category gain does not count (it is a logit offset).
+    assert!(
+        m.plan(&task(&[], &[("a", 100.0), ("a.x", 100.0), ("c0", 1000.0)]))
+            .is_ok()
+    );
+}
+
+#[test]
+fn small_gains_do_not_underflow_into_a_cut_out() {
+    let plan = model()
+        .plan(&task(&[], &[("a", 1e-30), ("a.x", 1e-30)]))
+        .unwrap();
+    assert_eq!(plan.relevant, vec![0, 1, 2, 3], "only a gain of 0 cuts out");
+}
+
+#[test]
+fn duplicates_and_oversize_tasks_are_refused_stating_the_limit() {
+    let m = model();
+    let err = m.plan(&task(&["c1", "c0", "c1"], &[])).unwrap_err();
+    assert_eq!(err.to_string(), "category \"c1\" is listed twice");
+    let err = m.plan(&task(&["c0"; 5], &[])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "task lists 5 categories; the model has 4, each may be listed once"
+    );
+    let many: Vec<(String, f32)> = (0..9).map(|i| (format!("k{i}"), 1.0)).collect();
+    let spec = TaskSpec {
+        categories: vec![],
+        gains: many.into_iter().collect(),
+    };
+    let err = m.plan(&spec).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "task has 9 gains; at most 8 (one per category or segment)"
+    );
+    let long = "x".repeat(5000);
+    let err = m
+        .plan(&task(&[long.as_str()], &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is 5000 bytes; names are at most 128"),
+        "{err}"
+    );
+    assert!(
+        err.len() < 300,
+        "the name is not echoed whole: {} bytes",
+        err.len()
+    );
+}
+
+#[test]
+fn a_gain_key_given_twice_in_json_is_refused() {
+    let err = serde_json::from_str::<TaskSpec>(r#"{"gains": {"c0": 2, "c0": 3}}"#).unwrap_err();
+    assert!(
+        err.to_string().contains("gain for \"c0\" is given twice"),
+        "{err}"
+    );
+    let ok: TaskSpec = serde_json::from_str(r#"{"gains": {"c0": 2, "a": 3}}"#).unwrap();
+    assert_eq!(ok.gains.len(), 2);
+    assert_eq!(
+        serde_json::from_str::<TaskSpec>(r#"{"categories": ["c1"]}"#).unwrap(),
+        task(&["c1"], &[])
+    );
+}
+
+#[test]
+fn a_task_is_read_only_from_an_object_of_known_fields() {
+    for (json, err) in [
+        ("[]", "invalid type: sequence, expected a task object"),
+        (
+            r#"[["c0"], {}]"#,
+            "invalid type: sequence, expected a task object",
+        ),
+        (
+            r#"{"category": []}"#,
+            "unknown field `category`, expected `categories` or `gains`",
+        ),
+        (r#"{"gains": {}, "gains": {}}"#, "duplicate field `gains`"),
+        (
+            r#"{"categories": "c0"}"#,
+            "invalid type: string \"c0\", expected a sequence",
+        ),
+    ] {
+        let got = serde_json::from_str::<TaskSpec>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(got.contains(err), "{json}: {got}");
+    }
+    assert_eq!(
+        serde_json::from_str::<TaskSpec>("{}").unwrap(),
+        TaskSpec::default()
+    );
+}
+
+#[test]
+fn merge_never_returns_a_non_finite_score() {
+    let m = model();
+    let plan = m.plan(&TaskSpec::default()).unwrap();
+    // An infinite logit used to give inf - inf = NaN for every score.
+    let err = m.merge(&plan, &[f32::INFINITY, 1.0, 2.0, 3.0]).unwrap_err();
+    assert!(
+        matches!(err, MergeError::NonFinite { category: 0, .. }),
+        "{err:?}"
+    );
+    assert!(m.merge(&plan, &[f32::NEG_INFINITY; 4]).is_err());
+    // Huge finite logits still merge into finite scores.
+    let scores = m.merge(&plan, &[f32::MAX, -f32::MAX, 0.0, 1.0]).unwrap();
+    assert!(scores.scores.iter().all(|s| s.score.is_finite()));
+    assert_eq!(scores.top(), Some(0));
 }
