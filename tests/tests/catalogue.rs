@@ -749,7 +749,7 @@ async fn every_malformed_input_gets_a_clear_error_and_disturbs_nothing() {
         "endpoint not a URL",
         register("w", "not a url", &["footwear"], &hash),
         bad,
-        "bad worker endpoint \"not a url\"",
+        "bad worker endpoint from \"w\": \"not a url\" must start with http:// or https://",
     )
     .await;
     let err = c
