@@ -134,7 +134,9 @@ async fn run_stream_answers_bad_frames_alone_and_matches_unary_run() {
         mixed.errors[0]
     );
     assert!(
-        mixed.errors[1].message.contains("is inf; values must be finite"),
+        mixed.errors[1]
+            .message
+            .contains("is inf; values must be finite"),
         "{:?}",
         mixed.errors[1]
     );

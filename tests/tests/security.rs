@@ -226,7 +226,10 @@ async fn every_call_is_checked_against_its_role_and_impostors_get_nothing() {
         code(reader.set_task(set("Bag")).await),
         Code::PermissionDenied
     );
-    assert_eq!(code(edge.set_task(set("Bag")).await), Code::PermissionDenied);
+    assert_eq!(
+        code(edge.set_task(set("Bag")).await),
+        Code::PermissionDenied
+    );
     assert_eq!(
         code(edge.list_workers(pb::ListWorkersRequest {}).await),
         Code::PermissionDenied
@@ -312,7 +315,11 @@ async fn every_call_is_checked_against_its_role_and_impostors_get_nothing() {
     );
     for lease_id in 0..500u64 {
         assert_eq!(
-            code(registry.deregister(pb::DeregisterRequest { lease_id }).await),
+            code(
+                registry
+                    .deregister(pb::DeregisterRequest { lease_id })
+                    .await
+            ),
             Code::NotFound,
             "lease {lease_id} guessed"
         );
@@ -390,7 +397,8 @@ async fn every_call_is_checked_against_its_role_and_impostors_get_nothing() {
     let (status, text) = https(ca, h, "GET", "/v1/task", None, "").await;
     assert_eq!(status, 401, "{text}");
     assert!(
-        text.to_ascii_lowercase().contains("www-authenticate: bearer"),
+        text.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
         "{text}"
     );
     assert_eq!(
@@ -406,7 +414,15 @@ async fn every_call_is_checked_against_its_role_and_impostors_get_nothing() {
         403
     );
     let body = r#"{"categories": ["Bag"]}"#;
-    let (status, text) = https(ca, h, "PUT", "/v1/task", Some(pki.token(Role::Reader)), body).await;
+    let (status, text) = https(
+        ca,
+        h,
+        "PUT",
+        "/v1/task",
+        Some(pki.token(Role::Reader)),
+        body,
+    )
+    .await;
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("permission_denied"), "{text}");
     let (status, text) = https(
@@ -466,7 +482,8 @@ async fn mutual_tls_refuses_clients_without_a_certificate() {
     let sandbox = coordinator(pki.security(Role::Coordinator, true).expect("sec")).await;
     let url = format!("https://{}", sandbox.grpc);
     // The worker presents its certificate to register, and requires the coordinator's.
-    let (_, stop_worker, _) = worker(&sandbox, pki.security(Role::Worker, true).expect("sec")).await;
+    let (_, stop_worker, _) =
+        worker(&sandbox, pki.security(Role::Worker, true).expect("sec")).await;
     let operator = pki.security(Role::Operator, true).expect("sec");
     wait_for_workers(&mut control(&operator, &url).await, 1).await;
 

@@ -234,13 +234,9 @@ impl TokenStore {
             })?;
         let digest = token_digest(token);
         let state = self.read();
-        let entry = state
-            .0
-            .iter()
-            .find(|e| e.sha256 == digest)
-            .ok_or_else(|| {
-                AuthError::Unauthenticated("invalid token: not issued or revoked".into())
-            })?;
+        let entry = state.0.iter().find(|e| e.sha256 == digest).ok_or_else(|| {
+            AuthError::Unauthenticated("invalid token: not issued or revoked".into())
+        })?;
         if access.roles().contains(&entry.role) {
             Ok(Principal {
                 name: entry.name.clone(),
@@ -344,7 +340,10 @@ mod tests {
             Some("Bearer spotlight_edge_0000"),
         ] {
             let e = store.authorize(header, Access::Infer).unwrap_err();
-            assert!(matches!(e, AuthError::Unauthenticated(_)), "{header:?}: {e}");
+            assert!(
+                matches!(e, AuthError::Unauthenticated(_)),
+                "{header:?}: {e}"
+            );
         }
     }
 
@@ -369,12 +368,17 @@ mod tests {
         let f = std::fs::File::options().write(true).open(&path).unwrap();
         f.set_modified(t).unwrap();
         assert!(store.reload_if_changed().unwrap());
-        assert!(store.authorize(Some(&bearer(&edge)), Access::Infer).is_err());
+        assert!(
+            store
+                .authorize(Some(&bearer(&edge)), Access::Infer)
+                .is_err()
+        );
         assert!(store.authorize(Some(&bearer(&op)), Access::Operate).is_ok());
         // A broken file is refused and the tokens in force stay.
         std::fs::write(&path, "[[token]]\nname = 1\n").unwrap();
         let f = std::fs::File::options().write(true).open(&path).unwrap();
-        f.set_modified(t + std::time::Duration::from_secs(1)).unwrap();
+        f.set_modified(t + std::time::Duration::from_secs(1))
+            .unwrap();
         assert!(store.reload_if_changed().is_err());
         assert!(store.authorize(Some(&bearer(&op)), Access::Operate).is_ok());
     }

@@ -33,7 +33,10 @@ pub struct DevPki {
 impl std::fmt::Debug for DevPki {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DevPki")
-            .field("leaves", &self.leaves.iter().map(|l| l.name).collect::<Vec<_>>())
+            .field(
+                "leaves",
+                &self.leaves.iter().map(|l| l.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -176,12 +179,24 @@ impl DevPki {
         ];
         for l in &self.leaves {
             files.push((format!("{}.pem", l.name), l.cert_pem.clone(), false));
-            files.push((format!("{}.key", l.name), l.key_pem.expose().to_string(), true));
+            files.push((
+                format!("{}.key", l.name),
+                l.key_pem.expose().to_string(),
+                true,
+            ));
         }
         for (role, token) in &self.tokens {
-            files.push((format!("{role}.token"), format!("{}\n", token.expose()), true));
+            files.push((
+                format!("{role}.token"),
+                format!("{}\n", token.expose()),
+                true,
+            ));
         }
-        files.push(("tokens.toml".into(), tokens_toml(&self.token_entries()), false));
+        files.push((
+            "tokens.toml".into(),
+            tokens_toml(&self.token_entries()),
+            false,
+        ));
         if !force {
             let existing: Vec<_> = files
                 .iter()

@@ -226,7 +226,11 @@ impl Security {
                 } else {
                     None
                 };
-                Some(ClientTls::new(ca_pem, identity, config.server_name.clone())?)
+                Some(ClientTls::new(
+                    ca_pem,
+                    identity,
+                    config.server_name.clone(),
+                )?)
             }
             None => None,
         };
@@ -241,7 +245,10 @@ impl Security {
                     .map_err(|e| SecurityError(format!("token file {}: {e}", p.display())))?;
                 let t = text.trim();
                 if t.is_empty() {
-                    return Err(SecurityError(format!("token file {} is empty", p.display())));
+                    return Err(SecurityError(format!(
+                        "token file {} is empty",
+                        p.display()
+                    )));
                 }
                 Some(Secret::new(t))
             }
@@ -450,7 +457,10 @@ impl Security {
 pub struct BearerInterceptor(Option<AsciiMetadataValue>);
 
 impl tonic::service::Interceptor for BearerInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
             request.metadata_mut().insert("authorization", v.clone());
         }

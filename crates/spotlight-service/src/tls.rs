@@ -209,7 +209,10 @@ fn build(source: &Source) -> Result<Loaded, String> {
             (
                 read(cert, "certificate")?,
                 read(key, "private key")?,
-                client_ca.as_ref().map(|p| read(p, "client CA")).transpose()?,
+                client_ca
+                    .as_ref()
+                    .map(|p| read(p, "client CA"))
+                    .transpose()?,
                 stamps,
             )
         }

@@ -207,7 +207,10 @@ fn roles_refuse_to_start_without_credentials_unless_insecure() {
         &["task", "get"],
     ] {
         let out = spotlight(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} started without credentials");
+        assert!(
+            !out.status.success(),
+            "{args:?} started without credentials"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains("spotlight certs") && err.contains("--insecure"),
@@ -225,7 +228,11 @@ fn roles_run_over_tls_with_tokens_from_spotlight_certs() {
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.display().to_string();
     let out = spotlight(&["certs", "--out", &d]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let f = |name: &str| format!("{d}/{name}");
     let (_coordinator, line) = start(
         &[
@@ -273,7 +280,12 @@ fn roles_run_over_tls_with_tokens_from_spotlight_certs() {
     let task = |token: Option<&str>, set: bool| {
         let mut args = vec!["task".to_string()];
         args.push(if set { "set".into() } else { "get".into() });
-        args.extend(["--coordinator".into(), grpc.clone(), "--ca".into(), f("ca.pem")]);
+        args.extend([
+            "--coordinator".into(),
+            grpc.clone(),
+            "--ca".into(),
+            f("ca.pem"),
+        ]);
         if let Some(t) = token {
             args.extend(["--token-file".into(), f(t)]);
         }
@@ -284,14 +296,25 @@ fn roles_run_over_tls_with_tokens_from_spotlight_certs() {
         spotlight(&args).output().unwrap()
     };
     let set = task(Some("operator.token"), true);
-    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&set.stdout).unwrap();
     assert_eq!(v["version"], 2);
     let denied = task(Some("reader.token"), true);
     let err = String::from_utf8_lossy(&denied.stderr);
-    assert!(!denied.status.success() && err.contains("PermissionDenied"), "{err}");
+    assert!(
+        !denied.status.success() && err.contains("PermissionDenied"),
+        "{err}"
+    );
     let read = task(Some("reader.token"), false);
-    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
     assert_eq!(v["version"], 2, "the refused change changed nothing");
     // The edge token streams frames but is no operator.

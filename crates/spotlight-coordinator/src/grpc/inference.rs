@@ -4,9 +4,9 @@ use std::time::Duration;
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::cloud_message::Kind as Out;
 use spotlight_proto::v1::edge_message::Kind as In;
+use spotlight_service::Access;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use spotlight_service::Access;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 

@@ -16,7 +16,8 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.shared.authorize(request.metadata(), Access::Register)?;
+        self.shared
+            .authorize(request.metadata(), Access::Register)?;
         let r = request.into_inner();
         let registry = &self.shared.registry;
         let lease_id = registry.register(r.worker_id, r.endpoint, &r.segments, &r.model_hash)?;
@@ -30,7 +31,8 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.shared.authorize(request.metadata(), Access::Register)?;
+        self.shared
+            .authorize(request.metadata(), Access::Register)?;
         let r = request.into_inner();
         self.shared.registry.heartbeat(r.lease_id, &r.worker_id)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
@@ -40,7 +42,8 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        self.shared.authorize(request.metadata(), Access::Register)?;
+        self.shared
+            .authorize(request.metadata(), Access::Register)?;
         self.shared
             .registry
             .deregister(request.into_inner().lease_id)?;
