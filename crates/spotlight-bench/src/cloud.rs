@@ -327,8 +327,15 @@ pub async fn drive(
         let tensors = tensors.clone();
         let hash = model_hash.to_string();
         let window = load.window.max(1);
+        let plan = StreamPlan {
+            offset: s,
+            count,
+            window,
+            until: None,
+            answered: None,
+        };
         tasks.push(tokio::spawn(async move {
-            one_stream(grpc, hash, tensors, s, count, window).await
+            one_stream(grpc, hash, tensors, plan).await
         }));
     }
     let mut latencies = Vec::with_capacity(load.frames);
@@ -360,16 +367,80 @@ pub fn wire_bytes(t: &pb::FeatureTensor) -> usize {
     .encoded_len()
 }
 
+/// Streams `duration` long on `streams` streams of `window` frames in flight each, then
+/// waits for every frame sent to be answered; `answered` counts answers as they come.
+pub async fn drive_for(
+    grpc: SocketAddr,
+    model_hash: &str,
+    tensors: Arc<Vec<pb::FeatureTensor>>,
+    streams: usize,
+    window: usize,
+    duration: Duration,
+    answered: Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<Measured> {
+    let until = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..streams.max(1) {
+        let plan = StreamPlan {
+            offset: s,
+            count: usize::MAX,
+            window: window.max(1),
+            until: Some(until),
+            answered: Some(answered.clone()),
+        };
+        let (tensors, hash) = (tensors.clone(), model_hash.to_string());
+        tasks.push(tokio::spawn(async move {
+            one_stream(grpc, hash, tensors, plan).await
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks {
+        let (l, e) = t.await.context("stream task")??;
+        latencies.extend(l);
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    // Every frame answered (prediction or error) has a latency; duplicates do not.
+    let frames = latencies.len();
+    let mut m = Measured::new(frames, started.elapsed().as_secs_f64(), latencies);
+    m.errors = errors;
+    Ok(m)
+}
+
 type StreamOutcome = (Vec<f64>, HashMap<String, usize>);
 
+/// One stream's share of a load.
+struct StreamPlan {
+    /// Which stream (spreads the images over streams).
+    offset: usize,
+    /// Frames to send at most.
+    count: usize,
+    /// Frames in flight at most.
+    window: usize,
+    /// Stop sending at this time (then drain).
+    until: Option<Instant>,
+    /// Counts answers as they arrive.
+    answered: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// Streams per `plan`; returns the latency of every prediction and the errors by code. An
+/// answer for a frame not in flight (a second answer) counts as a `DUPLICATE` error.
 async fn one_stream(
     grpc: SocketAddr,
     hash: String,
     tensors: Arc<Vec<pb::FeatureTensor>>,
-    offset: usize,
-    count: usize,
-    window: usize,
+    plan: StreamPlan,
 ) -> anyhow::Result<StreamOutcome> {
+    let StreamPlan {
+        offset,
+        count,
+        window,
+        until,
+        answered,
+    } = plan;
     let mut client = InferenceClient::connect(format!("http://{grpc}"))
         .await?
         .max_decoding_message_size(64 << 20);
@@ -391,13 +462,17 @@ async fn one_stream(
         other => bail!("expected ready, got {other:?}"),
     }
     let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(window * 2);
-    let mut latencies = Vec::with_capacity(count);
+    let mut latencies = Vec::with_capacity(count.min(1 << 20));
     let mut errors: HashMap<String, usize> = HashMap::new();
     let (mut next, mut done) = (0usize, 0usize);
-    while done < count {
+    loop {
+        let open = until.is_none_or(|u| Instant::now() < u) && next < count;
+        if !open && done >= next {
+            break;
+        }
         // Like the edge agent: every frame the window has room for goes in one message.
         let mut frames = Vec::new();
-        while next < count && next - done < window {
+        while open && next < count && next - done < window {
             let t = &tensors[(offset + next * 7919) % tensors.len()];
             sent_at.insert(next as u64, Instant::now());
             frames.push(pb::Frame {
@@ -430,11 +505,18 @@ async fn one_stream(
             *errors.entry(code).or_default() += 1;
             seqs.push(e.seq);
         }
+        let before = done;
         for seq in seqs {
-            if let Some(t) = sent_at.remove(&seq) {
-                latencies.push(t.elapsed().as_secs_f64() * 1e3);
+            match sent_at.remove(&seq) {
+                Some(t) => {
+                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                    done += 1;
+                }
+                None => *errors.entry("DUPLICATE".into()).or_default() += 1,
             }
-            done += 1;
+        }
+        if let Some(a) = &answered {
+            a.fetch_add((done - before) as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
     Ok((latencies, errors))

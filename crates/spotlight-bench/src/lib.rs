@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod inproc;
 pub mod peer;
 pub mod report;
+pub mod soak;
 pub mod stages;
 pub mod stub;
 

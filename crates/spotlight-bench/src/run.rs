@@ -278,7 +278,10 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
 }
 
 /// Loads `n` test images and labels.
-fn load_images(opts: &BenchOptions, n: usize) -> anyhow::Result<(Vec<Vec<u8>>, Vec<u8>)> {
+pub(crate) fn load_images(
+    opts: &BenchOptions,
+    n: usize,
+) -> anyhow::Result<(Vec<Vec<u8>>, Vec<u8>)> {
     let images = spotlight_edge::idx::read_images(&opts.dataset.join("t10k-images-idx3-ubyte.gz"))
         .with_context(|| {
             format!(
@@ -295,7 +298,7 @@ fn load_images(opts: &BenchOptions, n: usize) -> anyhow::Result<(Vec<Vec<u8>>, V
 }
 
 /// Backbone features of `images`, encoded with `codec`.
-fn tensors(
+pub(crate) fn tensors(
     model: &Model,
     images: &[Vec<u8>],
     codec: Codec,

@@ -92,6 +92,16 @@ pub struct BenchArgs {
     /// Fashion-MNIST directory (idx .gz files).
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     pub dataset: PathBuf,
+    /// Instead of the scenarios: a soak of this many seconds (many streams against the
+    /// cloud processes; frames, errors by code, latency, memory per process over time).
+    #[arg(long, value_name = "SECONDS")]
+    pub soak: Option<u64>,
+    /// Soak: concurrent edge streams.
+    #[arg(long, default_value_t = 64)]
+    pub streams: usize,
+    /// Soak: frames in flight per stream.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
 }
 
 #[derive(Debug, Args)]

@@ -66,3 +66,62 @@ fn bench_quick_runs_every_section_and_writes_the_report() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The overload soak, short: 64 streams × 32 frames in flight for 12 s against the cloud
+/// processes. Every frame sent is answered exactly once (the load client waits for each),
+/// nothing is answered twice, and no process's memory keeps growing. `scripts/soak.sh`
+/// runs the 5-minute version.
+#[test]
+fn soak_answers_every_frame_once_and_memory_stays_flat() {
+    let out = std::env::temp_dir().join(format!("spotlight-soak-test-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_spotlight"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .args([
+            "bench",
+            "--soak",
+            "12",
+            "--streams",
+            "64",
+            "--window",
+            "32",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "spotlight bench --soak failed: {status}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("soak.json")).unwrap()).unwrap();
+    assert!(r["frames"].as_u64().unwrap() > 1000, "{r}");
+    let errors = r["errors"].as_object().unwrap();
+    assert!(
+        !errors.contains_key("DUPLICATE"),
+        "a frame answered twice: {errors:?}"
+    );
+    // Overload may be refused explicitly, never lost: the only acceptable error code is
+    // RESOURCE_EXHAUSTED.
+    for code in errors.keys() {
+        assert_eq!(code, "ResourceExhausted", "{errors:?}");
+    }
+    let memory = r["memory"].as_array().unwrap();
+    assert_eq!(
+        memory.len(),
+        5,
+        "coordinator, 3 workers, load client: {memory:?}"
+    );
+    for m in memory {
+        let (middle, last) = (
+            m["middle_peak_mib"].as_f64().unwrap(),
+            m["last_peak_mib"].as_f64().unwrap(),
+        );
+        assert!(middle > 0.0, "{m}");
+        // Bounded queues: the last third may not grow past the middle third by more than a
+        // quarter (allocator noise), whatever the load.
+        assert!(
+            last <= middle * 1.25 + 8.0,
+            "{} grows: {middle} → {last} MiB",
+            m["process"]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -27,6 +27,25 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| args.out.join("benchmarks.md")),
         out: args.out.clone(),
     };
+    if let Some(seconds) = args.soak {
+        anyhow::ensure!(
+            seconds > 0 && args.streams > 0 && args.window > 0,
+            "--soak, --streams and --window must be > 0"
+        );
+        let soak = spotlight_bench::soak::SoakOptions {
+            duration: std::time::Duration::from_secs(seconds),
+            streams: args.streams,
+            window: args.window,
+        };
+        let report = spotlight_bench::soak::run(&opts, &soak, model).await?;
+        std::fs::create_dir_all(&opts.out)
+            .with_context(|| format!("creating {}", opts.out.display()))?;
+        let path = opts.out.join("soak.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        println!("{}", report.markdown());
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
     let mut command = format!(
         "spotlight bench --frames {} --latency-frames {}",
         args.frames, args.latency_frames
