@@ -56,23 +56,9 @@ async fn authorize(State(s): State<Arc<Shared>>, request: Request, next: Next) -
     if let Some(access) = access
         && let Err(e) = s.config.security.authorize_http(request.headers(), access)
     {
-        let mut response = ApiError::from(e).into_response();
-        if response.status() == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer realm=\"spotlight\""),
-            );
-        }
-        return response;
+        return ApiError::from(e).into_response();
     }
     next.run(request).await
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code.as_str(), "message": self.message}});
-        (self.code.http(), Json(body)).into_response()
-    }
 }
 
 fn task_json(shared: &Shared, t: &ActiveTask) -> Value {

@@ -132,7 +132,7 @@ impl TaskState {
 
     /// Validates and installs a new task; it applies from the next frame routed.
     pub async fn set(&self, spec: TaskSpec) -> Result<Arc<ActiveTask>, ApiError> {
-        let plan = self.model.plan(&spec)?;
+        let plan = self.model.plan(&spec).map_err(crate::error::model_error)?;
         let _guard = self.write.lock().await;
         let version = self.current().version + 1;
         if let Some(path) = &self.state_file {

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod certs;
+pub mod error;
 mod secret;
 pub mod tls;
 
@@ -19,6 +20,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::Endpoint;
 
 pub use auth::{Access, AuthError, Principal, Role, TokenEntry, TokenStore};
+pub use error::{ApiError, ErrorCode};
 pub use secret::Secret;
 pub use tls::{Alpn, ClientTls, Conn, Incoming, ServerTls};
 

@@ -35,22 +35,28 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// The error code this error is answered with (the codes every role shares).
+    pub fn error_code(&self) -> spotlight_service::ErrorCode {
+        use spotlight_service::ErrorCode;
+        match self {
+            EngineError::WrongModel { .. } => ErrorCode::FailedPrecondition,
+            EngineError::BadRequest(_) => ErrorCode::InvalidArgument,
+            EngineError::NotHosted(_) => ErrorCode::NotFound,
+            EngineError::Runtime(_) => ErrorCode::Internal,
+            EngineError::Overloaded { .. } => ErrorCode::ResourceExhausted,
+            EngineError::Closed => ErrorCode::Unavailable,
+        }
+    }
+
     /// The gRPC code this error is answered with.
     pub fn code(&self) -> tonic::Code {
-        match self {
-            EngineError::WrongModel { .. } => tonic::Code::FailedPrecondition,
-            EngineError::BadRequest(_) => tonic::Code::InvalidArgument,
-            EngineError::NotHosted(_) => tonic::Code::NotFound,
-            EngineError::Runtime(_) => tonic::Code::Internal,
-            EngineError::Overloaded { .. } => tonic::Code::ResourceExhausted,
-            EngineError::Closed => tonic::Code::Unavailable,
-        }
+        self.error_code().grpc()
     }
 }
 
 impl From<EngineError> for tonic::Status {
     fn from(e: EngineError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        spotlight_service::ApiError::new(e.error_code(), e.to_string()).into()
     }
 }
 

@@ -132,11 +132,5 @@ impl Registration {
 /// Refusals that retrying cannot fix: another model, an unknown segment, credentials the
 /// coordinator does not accept.
 fn is_final(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::FailedPrecondition
-            | tonic::Code::InvalidArgument
-            | tonic::Code::Unauthenticated
-            | tonic::Code::PermissionDenied
-    )
+    spotlight_service::ErrorCode::from_grpc(status.code()).is_final()
 }
