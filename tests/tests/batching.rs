@@ -485,3 +485,38 @@ async fn max_batch_caps_each_run_even_for_a_large_request() {
     let _ = worker.await;
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_global_in_flight_limit_is_backpressure_not_loss() {
+    // Four frames in flight over all streams; three streams of 40 frames each share them.
+    let sandbox = SandboxBuilder::new()
+        .config(|c| {
+            c.max_in_flight_per_stream = 4;
+            c.max_in_flight_total = 4;
+        })
+        .worker_per_branch()
+        .start()
+        .await;
+    let model = sandbox.model.clone();
+    let (images, _) = test_images(40);
+    let feats = features(&model, &images);
+    let sandbox = std::sync::Arc::new(sandbox);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let (s, f) = (sandbox.clone(), frames(&model, &feats, Codec::Int8));
+        runs.push(tokio::spawn(async move { s.classify(f).await }));
+    }
+    for r in runs {
+        let answers = tokio::time::timeout(std::time::Duration::from_secs(60), r)
+            .await
+            .expect("no deadlock under the global limit")
+            .expect("join");
+        assert_eq!(answers.len(), 40);
+        assert!(
+            answers
+                .values()
+                .all(|k| matches!(k, pb::cloud_message::Kind::Prediction(_))),
+            "{answers:?}"
+        );
+    }
+}

@@ -42,6 +42,9 @@ pub struct CoordinatorConfig {
     pub worker_timeout_ms: u64,
     /// Frames of one stream in flight at once.
     pub max_in_flight_per_stream: usize,
+    /// Frames of all streams together in flight at once: beyond it every stream waits
+    /// (backpressure to the edges), so memory stays bounded whatever the number of streams.
+    pub max_in_flight_total: usize,
     /// TLS and tokens for every listener and for calls to workers (loaded from
     /// `[security]` by the binary; the library default is plaintext and open).
     #[serde(skip)]
@@ -58,6 +61,7 @@ impl Default for CoordinatorConfig {
             no_worker_wait_ms: 1000,
             worker_timeout_ms: 5000,
             max_in_flight_per_stream: 256,
+            max_in_flight_total: 16384,
             security: Security::insecure(),
         }
     }
@@ -77,6 +81,12 @@ impl CoordinatorConfig {
         }
         if self.max_in_flight_per_stream == 0 {
             return Err("max_in_flight_per_stream must be > 0".into());
+        }
+        if self.max_in_flight_total < self.max_in_flight_per_stream {
+            return Err(format!(
+                "max_in_flight_total ({}) must be >= max_in_flight_per_stream ({})",
+                self.max_in_flight_total, self.max_in_flight_per_stream
+            ));
         }
         Ok(())
     }
@@ -100,6 +110,8 @@ pub(crate) struct Shared {
     pub(crate) router: router::Router,
     /// Turns true when shutdown starts: long-lived streams end so the servers can drain.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// Frames in flight over all streams (`max_in_flight_total` permits).
+    pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -172,6 +184,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let config_total = config.max_in_flight_total;
     let shared = Arc::new(Shared {
         config,
         model,
@@ -179,6 +192,7 @@ pub async fn run(
         registry: registry.clone(),
         router,
         stopping: stop_rx.clone(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config_total)),
     });
     let security = shared.config.security.clone();
     tracing::info!(

@@ -186,6 +186,8 @@ impl pb::inference_server::Inference for InferenceService {
                         frames += chunk.len() as u64;
                         // Backpressure: at most `limit` frames of this stream in flight.
                         let Ok(permit) = permits.clone().acquire_many_owned(chunk.len() as u32).await else { break };
+                        // ... and at most `max_in_flight_total` over all streams.
+                        let Ok(global) = shared.in_flight.clone().acquire_many_owned(chunk.len() as u32).await else { break };
                         // The task in force when the frames arrive is the one that answers them.
                         let task = shared.task.current();
                         let router = shared.router.clone();
@@ -207,7 +209,7 @@ impl pb::inference_server::Inference for InferenceService {
                                     break;
                                 }
                             }
-                            drop(permit);
+                            drop((permit, global));
                         });
                     }
                 }
