@@ -1,6 +1,7 @@
 # spotlight — every set-up step the README's two commands need, idempotent.
 #   make demo   the demo: every role in one process, Fashion-MNIST test set, task switch
 #   make test   every test: Rust (unit + integration) and Python (model authoring)
+#   make fuzz   every cargo-fuzz target for a bounded time (nightly; docs/fuzzing.md)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +12,7 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-rust test-python setup onnxruntime dataset venv model lint bench
+.PHONY: demo test test-rust test-python setup onnxruntime dataset venv model lint bench fuzz
 
 demo: onnxruntime dataset
 	$(CARGO) build --release --bin spotlight
@@ -59,6 +60,12 @@ $(VENV)/.installed: python/requirements.txt
 bench: onnxruntime dataset
 	$(CARGO) build --release --bin spotlight
 	./target/release/spotlight bench --out docs/bench --markdown docs/benchmarks.md
+
+# Every cargo-fuzz target for a bounded time, one after another (docs/fuzzing.md; needs
+# nightly). FUZZ=300 gives each 300 s; FUZZ=-runs=1000000 a million executions each.
+FUZZ ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ)
 
 # Retrain and re-export the shipped model package (see python/README.md).
 model: dataset venv

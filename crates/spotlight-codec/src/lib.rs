@@ -42,11 +42,12 @@ impl Codec {
         }
     }
 
-    /// Encoded size of `n` values.
+    /// Encoded size of `n` values; saturates at `usize::MAX`, which no buffer reaches, so a
+    /// huge `n` fails [`check_len`] instead of overflowing (a wrapped size could match).
     pub fn encoded_len(self, n: usize) -> usize {
         match self {
-            Codec::F32 => 4 * n,
-            Codec::F16 => 2 * n,
+            Codec::F32 => n.saturating_mul(4),
+            Codec::F16 => n.saturating_mul(2),
             Codec::Int8 => n,
         }
     }
@@ -141,7 +142,13 @@ pub fn encode(codec: Codec, values: &[f32]) -> Encoded {
             } else {
                 (0.0, 0.0)
             };
-            let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            // `decode` refuses a scale that is not finite and > 0, so a range wider than
+            // f32::MAX, or so narrow that the step underflows, still gets a usable one.
+            let scale = match (hi - lo) / 255.0 {
+                _ if hi <= lo => 1.0,
+                s if s.is_finite() => s.max(f32::MIN_POSITIVE),
+                _ => hi / 255.0 - lo / 255.0,
+            };
             let zero_point = (-lo / scale).round();
             let data = values
                 .iter()
@@ -297,6 +304,35 @@ mod tests {
     }
 
     #[test]
+    fn int8_of_any_finite_tensor_decodes() {
+        // Found by the codec_decode fuzz target (fuzz/): a range wider than f32::MAX made the
+        // scale infinite, so workers refused what the edge encoded; a range of a few
+        // subnormals made it 0. Beyond ±MAX_ABS_VALUE the worker refuses the range with a
+        // clear error instead (the branches would overflow).
+        for v in [
+            vec![-1.2989704e31, -2.5786997e38, 1.6955964e38, -1.7014135e38],
+            vec![f32::MAX, f32::MIN],
+        ] {
+            let e = encode(Codec::Int8, &v);
+            let err = decode(Codec::Int8, &e.data, e.scale, e.zero_point, v.len()).unwrap_err();
+            assert!(matches!(err, CodecError::RangeTooWide { .. }), "{v:?}: {err}");
+        }
+        for v in [
+            vec![0.0, 1e-45],
+            vec![-1e-45, 3e-45],
+            vec![-MAX_ABS_VALUE, MAX_ABS_VALUE],
+        ] {
+            let e = encode(Codec::Int8, &v);
+            let d = decode(Codec::Int8, &e.data, e.scale, e.zero_point, v.len());
+            let d = d.unwrap_or_else(|err| panic!("{v:?}: {err}"));
+            for (a, b) in v.iter().zip(&d) {
+                assert!(b.is_finite(), "{v:?} decoded to {d:?}");
+                assert!((a - b).abs() <= e.scale * 1.01, "{v:?} decoded to {d:?}");
+            }
+        }
+    }
+
+    #[test]
     fn wrong_length_is_an_error_that_says_what_was_expected() {
         let err = decode(Codec::F32, &[0; 7], 0.0, 0.0, 2).unwrap_err();
         assert_eq!(
@@ -312,6 +348,26 @@ mod tests {
             err.to_string(),
             "feature tensor has 7 bytes; F32 of 2 values needs 8"
         );
+    }
+
+    #[test]
+    fn huge_value_counts_are_a_length_error_not_an_overflow() {
+        // Found by the codec_decode fuzz target (fuzz/): 4 * n overflowed and panicked; in a
+        // release build it wraps, and 2^62 f32 values "fit" in an empty payload.
+        let n = 5_765_460_774_122_160_128;
+        assert_eq!(
+            decode(Codec::F32, &[], 0.0, 9.62965e-35, n),
+            Err(CodecError::Length {
+                codec: Codec::F32,
+                values: n,
+                expected: usize::MAX,
+                got: 0
+            })
+        );
+        for codec in [Codec::F32, Codec::F16] {
+            assert!(check_len(codec, 0, 1 << 62).is_err());
+            assert!(check_len(codec, 0, usize::MAX).is_err());
+        }
     }
 
     #[test]

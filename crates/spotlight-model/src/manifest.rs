@@ -119,7 +119,12 @@ impl Manifest {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| ModelError::Json { path, source })
+        Self::from_json(text.as_bytes()).map_err(|source| ModelError::Json { path, source })
+    }
+
+    /// Parses manifest JSON without validating it (see [`Manifest::validate`]).
+    pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(json)
     }
 
     /// Checks the schema version and the consistency of the tree.
@@ -157,6 +162,42 @@ impl Manifest {
         let n = self.categories.len();
         if n == 0 {
             return bad("no categories".into());
+        }
+        // Every tensor shape starts with the batch axis; the checks below and
+        // `Model::feature_len` take the dimensions after it.
+        if self.backbone.output_shape.is_empty() {
+            return bad("backbone output shape is empty; expected a batch axis first".into());
+        }
+        for s in &self.segments {
+            let tensors = [
+                Some(&s.input),
+                s.features_output.as_ref(),
+                s.logits_output.as_ref(),
+            ];
+            if let Some(t) = tensors.into_iter().flatten().find(|t| t.shape.is_empty()) {
+                return bad(format!(
+                    "segment \"{}\" tensor \"{}\" has an empty shape; expected a batch axis first",
+                    s.id, t.name
+                ));
+            }
+        }
+        // `Model::feature_len` and the cost totals must not overflow.
+        let values = self.backbone.output_shape[1..]
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d.max(1) as usize));
+        if values.is_none() {
+            return bad(format!(
+                "backbone output shape {:?} has more values than fit in memory",
+                self.backbone.output_shape
+            ));
+        }
+        let total = |f: fn(&SegmentSpec) -> u64| {
+            self.segments
+                .iter()
+                .try_fold(0u64, |t, s| t.checked_add(f(s)))
+        };
+        if total(|s| s.macs).is_none() || total(|s| s.params).is_none() {
+            return bad("segment MACs or parameters add up to more than 2^64".into());
         }
         let mut seen = HashSet::new();
         let mut scored = vec![false; n];

@@ -283,3 +283,50 @@ fn merge_never_returns_a_non_finite_score() {
     assert!(scores.scores.iter().all(|s| s.score.is_finite()));
     assert_eq!(scores.top(), Some(0));
 }
+
+#[test]
+fn validation_rejects_shapes_without_a_batch_axis() {
+    // Found by the manifest_parse fuzz target (fuzz/): the shipped manifest with a nested
+    // segment's input shape `[]` made `validate` index past the end of the shape and panic.
+    let m = model();
+    let mut manifest = m.manifest().clone();
+    manifest.segments[2].input.shape = vec![];
+    let err = manifest.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("\"a.y\" tensor \"x\" has an empty shape"),
+        "{err}"
+    );
+    let mut manifest = m.manifest().clone();
+    manifest.backbone.output_shape = vec![];
+    let err = manifest.validate().unwrap_err().to_string();
+    assert!(err.contains("backbone output shape is empty"), "{err}");
+    let mut manifest = m.manifest().clone();
+    if let Some(f) = manifest.segments[0].features_output.as_mut() {
+        f.shape = vec![];
+    }
+    assert!(manifest.validate().is_err());
+}
+
+#[test]
+fn validation_rejects_costs_and_shapes_that_overflow() {
+    // Found by the manifest_parse fuzz target (fuzz/): a segment with `"macs":
+    // 18446744073709551615` validated, then `cloud_macs_total` overflowed (a panic in debug
+    // builds, a wrapped total in release).
+    let m = model();
+    let mut manifest = m.manifest().clone();
+    manifest.segments[2].macs = u64::MAX;
+    let err = manifest.validate().unwrap_err().to_string();
+    assert!(err.contains("add up to more than 2^64"), "{err}");
+    let mut manifest = m.manifest().clone();
+    manifest.segments[3].params = u64::MAX;
+    assert!(manifest.validate().is_err());
+    // The same for `feature_len` (found by hand next to it, and checked with the fuzz target
+    // binary): dimensions whose product overflows usize.
+    let mut manifest = m.manifest().clone();
+    manifest.backbone.output_shape = vec![-1, 1 << 40, 1 << 40];
+    for s in &mut manifest.segments {
+        s.input.shape = manifest.backbone.output_shape.clone();
+    }
+    let err = manifest.validate().unwrap_err().to_string();
+    assert!(err.contains("more values than fit in memory"), "{err}");
+}
