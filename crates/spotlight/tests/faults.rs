@@ -880,3 +880,49 @@ async fn all_replicas_gone_is_unavailable_quickly_and_recovers_when_one_returns(
         "recovery"
     );
 }
+
+/// A replica whose queue is full (RESOURCE_EXHAUSTED) hands its frames to another replica:
+/// every frame is predicted, the refusals are counted against it, and it is not ejected
+/// (overload is not a fault; ejecting it would only load the others more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_a_full_replica_refuses_go_to_another() {
+    let _serial = serial().await;
+    let c = coordinator(&[("SPOTLIGHT_COORDINATOR__EJECT_AFTER_FAILURES", "3")]);
+    let _small = c.worker(
+        "small",
+        &[
+            ("SPOTLIGHT_WORKER__QUEUE_CAPACITY", "1"),
+            ("SPOTLIGHT_WORKER__MAX_BATCH", "1"),
+        ],
+    );
+    let _big = c.worker("big", &[]);
+    c.wait_workers(Duration::from_secs(30), "two workers", |w| w.len() == 2);
+
+    let load = Load::start(&c.grpc, 64, Some(2000)).await;
+    let answers = load.finish().await;
+    let mut small = pb::branches_client::BranchesClient::connect(endpoint(&c, "small"))
+        .await
+        .unwrap();
+    let stats = small.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    let w = c.workers();
+    let predictions = answers.iter().filter(|x| x.code == 0).count();
+    eprintln!(
+        "overload: {} frames, {predictions} predictions; small answered {} and refused {} \
+         (counted failures {}, ejections {})",
+        answers.len(),
+        stats.requests,
+        stats.rejected,
+        w["small"]["failures"],
+        w["small"]["ejections"]
+    );
+    assert!(
+        stats.rejected > 0,
+        "the small queue must overflow for this test to mean anything"
+    );
+    assert_eq!(
+        predictions, 2000,
+        "every refused frame ran on the other replica"
+    );
+    assert!(w["small"]["failures"].as_u64().unwrap() > 0, "{w:?}");
+    assert_eq!(w["small"]["ejections"], 0, "overload does not eject");
+}
