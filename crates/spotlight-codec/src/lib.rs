@@ -315,7 +315,10 @@ mod tests {
         ] {
             let e = encode(Codec::Int8, &v);
             let err = decode(Codec::Int8, &e.data, e.scale, e.zero_point, v.len()).unwrap_err();
-            assert!(matches!(err, CodecError::RangeTooWide { .. }), "{v:?}: {err}");
+            assert!(
+                matches!(err, CodecError::RangeTooWide { .. }),
+                "{v:?}: {err}"
+            );
         }
         for v in [
             vec![0.0, 1e-45],

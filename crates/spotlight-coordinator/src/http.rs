@@ -4,7 +4,7 @@
 //! - `PUT  /v1/task`                      replace it: `{"categories": [...], "gains": {...}}`
 //! - `GET  /v1/task/watch?after=N`        long-poll (≤ 30 s) until the version exceeds N
 //! - `GET  /v1/model`                     model, segments, and the current cutout plan
-//! - `GET  /v1/workers`                   live workers
+//! - `GET  /v1/workers`                   live workers, with failures and ejections
 //! - `GET  /livez`, `GET /readyz`         liveness; readiness = every segment has a live worker
 //!
 //! With tokens configured, every route but the probes needs `Authorization: Bearer <token>`:
@@ -140,11 +140,16 @@ async fn workers(State(s): State<Arc<Shared>>) -> Json<Value> {
         .live()
         .iter()
         .map(|w| {
+            let health = w.health_view();
             json!({
                 "worker_id": w.worker_id, "endpoint": w.endpoint,
                 "segments": w.segments.iter().map(|&i| &m.segments()[i].id).collect::<Vec<_>>(),
                 "outstanding": w.outstanding.load(std::sync::atomic::Ordering::Relaxed),
                 "lease_remaining_ms": w.lease_remaining().as_millis() as u64,
+                "failures": w.failures.load(std::sync::atomic::Ordering::Relaxed),
+                "consecutive_failures": health.consecutive_failures,
+                "ejections": health.ejections,
+                "ejected_remaining_ms": health.ejected_for.as_millis() as u64,
             })
         })
         .collect();

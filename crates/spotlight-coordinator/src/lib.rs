@@ -45,6 +45,16 @@ pub struct CoordinatorConfig {
     /// Frames of all streams together in flight at once: beyond it every stream waits
     /// (backpressure to the edges), so memory stays bounded whatever the number of streams.
     pub max_in_flight_total: usize,
+    /// Failed calls in a row (unreachable, past the deadline, a bad answer) that eject a
+    /// worker from routing.
+    pub eject_after_failures: u32,
+    /// How long a worker's first ejection lasts; the n-th lasts n times as long.
+    pub ejection_base_ms: u64,
+    /// Longest ejection.
+    pub ejection_max_ms: u64,
+    /// How long shutdown may take: frames still waiting for a worker near its end are
+    /// answered UNAVAILABLE, and at its end the coordinator exits with whatever is open.
+    pub drain_timeout_ms: u64,
     /// TLS and tokens for every listener and for calls to workers (loaded from
     /// `[security]` by the binary; the library default is plaintext and open).
     #[serde(skip)]
@@ -62,6 +72,10 @@ impl Default for CoordinatorConfig {
             worker_timeout_ms: 5000,
             max_in_flight_per_stream: 256,
             max_in_flight_total: 16384,
+            eject_after_failures: 5,
+            ejection_base_ms: 2000,
+            ejection_max_ms: 30_000,
+            drain_timeout_ms: 10_000,
             security: Security::insecure(),
         }
     }
@@ -86,6 +100,21 @@ impl CoordinatorConfig {
             return Err(format!(
                 "max_in_flight_total ({}) must be >= max_in_flight_per_stream ({})",
                 self.max_in_flight_total, self.max_in_flight_per_stream
+            ));
+        }
+        if self.eject_after_failures == 0 {
+            return Err("eject_after_failures must be >= 1".into());
+        }
+        if self.ejection_base_ms == 0 || self.ejection_max_ms < self.ejection_base_ms {
+            return Err(format!(
+                "ejection times must satisfy 0 < ejection_base_ms <= ejection_max_ms, got {} and {}",
+                self.ejection_base_ms, self.ejection_max_ms
+            ));
+        }
+        if self.drain_timeout_ms < 100 {
+            return Err(format!(
+                "drain_timeout_ms must be >= 100, got {}",
+                self.drain_timeout_ms
             ));
         }
         Ok(())
@@ -170,19 +199,34 @@ pub async fn run(
         .map_err(CoordinatorError::Task)?;
     let registry = Arc::new(registry::Registry::new(
         model.clone(),
-        Duration::from_millis(config.lease_ttl_ms),
-        config.security.clone(),
+        registry::RegistrySettings {
+            ttl: Duration::from_millis(config.lease_ttl_ms),
+            security: config.security.clone(),
+            ejection: registry::Ejection {
+                consecutive_failures: config.eject_after_failures,
+                base: Duration::from_millis(config.ejection_base_ms),
+                max: Duration::from_millis(config.ejection_max_ms),
+            },
+            open_timeout: Duration::from_millis(config.worker_timeout_ms),
+        },
     ));
     config.security.spawn_reloader();
     let limits = router::RouteLimits {
         no_worker_wait: Duration::from_millis(config.no_worker_wait_ms),
         worker_timeout: Duration::from_millis(config.worker_timeout_ms),
     };
-    let router = router::Router::new(model.clone(), registry.clone(), limits);
+    let drain = Duration::from_millis(config.drain_timeout_ms);
+    let (give_up_tx, give_up_rx) = tokio::sync::watch::channel(false);
+    let router = router::Router::new(model.clone(), registry.clone(), limits, give_up_rx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
+        tracing::info!(drain_ms = drain.as_millis() as u64, "coordinator draining");
         let _ = stop_tx.send(true);
+        // Frames still waiting for a worker get an explicit answer with time left to
+        // deliver it (up to 1 s, at most half the drain time).
+        tokio::time::sleep(drain - (drain / 2).min(Duration::from_secs(1))).await;
+        let _ = give_up_tx.send(true);
     });
     let config_total = config.max_in_flight_total;
     let shared = Arc::new(Shared {
@@ -281,10 +325,28 @@ pub async fn run(
     )
     .with_graceful_shutdown(stopped());
 
-    let (g, h) = tokio::join!(grpc, http.into_future());
-    reaper.abort();
-    g?;
-    h.map_err(CoordinatorError::Http)?;
-    tracing::info!("coordinator stopped");
+    // A peer that never finishes its part of a graceful close (a stopped worker holding a
+    // registry connection, an edge that keeps its side of a stream open) cannot hold the
+    // coordinator past its drain time.
+    let servers = async { tokio::join!(grpc, http.into_future()) };
+    let deadline = async {
+        stopped().await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        (g, h) = servers => {
+            reaper.abort();
+            g?;
+            h.map_err(CoordinatorError::Http)?;
+            tracing::info!("coordinator stopped");
+        }
+        _ = deadline => {
+            reaper.abort();
+            tracing::warn!(
+                drain_ms = drain.as_millis() as u64,
+                "drain time over; exiting with connections still open"
+            );
+        }
+    }
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! every frame queued since its last send, groups consecutive frames that need the same
 //! segments into one `RunBatch`, and matches each `RunBatchResult` back to the frames it
 //! answers. A broken stream fails the frames in flight with UNAVAILABLE (routing then tries
-//! another replica) and is reopened on the next frame.
+//! another replica) and is reopened on the next frame. A failure of the transport (the
+//! connection refused or reset, bytes that are not HTTP/2) is UNAVAILABLE whatever code
+//! tonic gives it; a worker that does not open the stream in time is DEADLINE_EXCEEDED.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,12 +61,14 @@ impl WorkerLink {
         client: BranchesClient<Channel>,
         model: Arc<Model>,
         security: spotlight_service::Security,
+        open_timeout: Duration,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = LinkTask {
             worker_id,
             client,
             security,
+            open_timeout,
             model_hash: model.hash().to_string(),
             model,
             rx,
@@ -112,6 +116,8 @@ struct LinkTask {
     client: BranchesClient<Channel>,
     /// The coordinator's bearer token goes on every run stream.
     security: spotlight_service::Security,
+    /// How long opening the stream may take (a hung worker accepts the connection).
+    open_timeout: Duration,
     model_hash: String,
     model: Arc<Model>,
     rx: mpsc::UnboundedReceiver<Request>,
@@ -131,7 +137,7 @@ impl LinkTask {
             tokio::select! {
                 result = next_result(&mut self.inbound) => match result {
                     Some(Ok(r)) => self.answer(r),
-                    Some(Err(status)) => self.broken(&format!("stream failed: {}", status.message())),
+                    Some(Err(status)) => self.broken(&format!("stream failed: {}", describe(&status))),
                     None => self.broken("stream closed by the worker"),
                 },
                 request = self.rx.recv() => {
@@ -166,23 +172,28 @@ impl LinkTask {
         let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
         let mut request = tonic::Request::new(outbound);
         self.security.attach(&mut request);
-        match self.client.run_stream(request).await {
-            Ok(response) => {
+        let opened = tokio::time::timeout(self.open_timeout, self.client.run_stream(request)).await;
+        match opened {
+            Ok(Ok(response)) => {
                 self.out = Some(tx);
                 self.inbound = Some(response.into_inner());
                 tracing::debug!(worker_id = self.worker_id, "run stream open");
                 Ok(())
             }
-            Err(status) => Err(ApiError::new(
-                match status.code() {
-                    // An unreachable worker: the router may try another replica.
-                    tonic::Code::Unavailable | tonic::Code::Unknown => ErrorCode::Unavailable,
-                    code => ErrorCode::from_grpc(code),
-                },
+            Ok(Err(status)) => Err(ApiError::new(
+                transport_code(&status),
                 format!(
                     "worker \"{}\": cannot open run stream: {}",
                     self.worker_id,
                     status.message()
+                ),
+            )),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::DeadlineExceeded,
+                format!(
+                    "worker \"{}\" did not open its run stream within {} ms",
+                    self.worker_id,
+                    self.open_timeout.as_millis()
                 ),
             )),
         }
@@ -262,11 +273,15 @@ impl LinkTask {
                 }
             }
             Err(message) => {
+                // The whole call failed, so routing counts it against the worker.
                 let e = ApiError::new(
                     ErrorCode::Internal,
                     format!("worker \"{}\" answered badly: {message}", self.worker_id),
                 );
-                answers.iter_mut().for_each(|a| *a = Some(Err(e.clone())));
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
             }
         }
         let mut answers = answers.into_iter().map(|answer| {
@@ -411,4 +426,29 @@ async fn next_result(
         Some(s) => s.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// The code of a failed attempt to reach a worker: the transport failing (refused, reset,
+/// not HTTP/2; tonic reports these as UNAVAILABLE, UNKNOWN, INTERNAL or CANCELLED) is
+/// UNAVAILABLE, so routing tries another replica; a timeout is DEADLINE_EXCEEDED; a status
+/// the worker sent keeps its code.
+fn transport_code(status: &tonic::Status) -> ErrorCode {
+    use std::error::Error;
+    match status.code() {
+        tonic::Code::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+        // tonic's `TimeoutExpired` becomes CANCELLED "Timeout expired".
+        tonic::Code::Cancelled if status.message().contains("Timeout expired") => {
+            ErrorCode::DeadlineExceeded
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            ErrorCode::Unavailable
+        }
+        _ if status.source().is_some() => ErrorCode::Unavailable,
+        code => ErrorCode::from_grpc(code),
+    }
+}
+
+/// A status for logs: its code and message.
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }

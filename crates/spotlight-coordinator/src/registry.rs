@@ -1,7 +1,15 @@
-//! Live workers: what they host, their leases, and how busy they are.
+//! Live workers: what they host, their leases, how busy they are, and how healthy.
+//!
+//! Outlier ejection in the manner of Envoy's: a worker whose calls fail
+//! `consecutive_failures` times in a row (unreachable, past its deadline, a bad answer) is
+//! ejected — not picked while another replica can take the work — for `base` times the
+//! number of times it has been ejected, at most `max`. When that time is over it is picked
+//! again; one success clears its run of failures, and every `base` of health lowers the
+//! multiplier by one. When every replica of a branch is ejected the least busy of them is
+//! still picked (Envoy's panic mode), so an ejection never makes a frame wait for nothing.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,12 +32,145 @@ pub struct WorkerEntry {
     pub link: WorkerLink,
     /// Frames in flight to this worker.
     pub outstanding: AtomicU32,
+    /// Calls to it that failed because of it, since it registered.
+    pub failures: AtomicU64,
     expires: Mutex<Instant>,
+    health: Mutex<Health>,
+}
+
+/// A worker's run of failures and its ejection.
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    /// Failures since its last success.
+    consecutive: u32,
+    /// The ejection multiplier: ejections not yet forgiven by health.
+    ejections: u32,
+    /// Ejections since it registered.
+    ejections_total: u32,
+    /// Not picked before this (unless every replica is ejected).
+    ejected_until: Option<Instant>,
+    /// Since when it has been healthy, for lowering the multiplier.
+    healthy_since: Option<Instant>,
+}
+
+/// What a worker's health looks like from outside, for `GET /v1/workers` and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthView {
+    /// Failures since its last success.
+    pub consecutive_failures: u32,
+    /// Times it was ejected since it registered.
+    pub ejections: u32,
+    /// Time left on its current ejection (zero when it is not ejected).
+    pub ejected_for: Duration,
+}
+
+/// Why a call to a worker failed; decides whether it counts towards ejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Unreachable, past its deadline, or a malformed answer: counts towards ejection.
+    Fault,
+    /// It refused work for lack of room (RESOURCE_EXHAUSTED): counted, but an overloaded
+    /// replica is not ejected, which would only push its load onto the others.
+    Overloaded,
+}
+
+/// Outlier ejection settings (see the module documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct Ejection {
+    /// Failures in a row that eject a worker.
+    pub consecutive_failures: u32,
+    /// Ejection time of a first ejection; the n-th lasts n times as long.
+    pub base: Duration,
+    /// Longest ejection.
+    pub max: Duration,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base: Duration::from_millis(2000),
+            max: Duration::from_millis(30_000),
+        }
+    }
+}
+
+/// Registry settings.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// Lease time to live.
+    pub ttl: Duration,
+    /// Dials workers (TLS, the coordinator's bearer token).
+    pub security: Security,
+    /// Outlier ejection.
+    pub ejection: Ejection,
+    /// How long opening a run stream to a worker may take.
+    pub open_timeout: Duration,
+}
+
+impl Health {
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| t > now)
+    }
+
+    /// A success ends the run of failures; every `base` of health forgives one ejection.
+    fn succeed(&mut self, e: &Ejection, now: Instant) {
+        self.consecutive = 0;
+        if self.ejections > 0 && !self.ejected(now) {
+            let since = *self.healthy_since.get_or_insert(now);
+            if now.duration_since(since) >= e.base {
+                self.ejections -= 1;
+                self.healthy_since = Some(now);
+            }
+        }
+    }
+
+    /// A fault; returns the ejection time when it ejects.
+    fn fail(&mut self, e: &Ejection, now: Instant) -> Option<Duration> {
+        self.healthy_since = None;
+        if self.ejected(now) {
+            // Calls sent before the ejection are still failing: not a new run of faults.
+            return None;
+        }
+        self.consecutive += 1;
+        if self.consecutive < e.consecutive_failures {
+            return None;
+        }
+        self.consecutive = 0;
+        self.ejections = self.ejections.saturating_add(1);
+        self.ejections_total = self.ejections_total.saturating_add(1);
+        let time = e.base.saturating_mul(self.ejections).min(e.max);
+        self.ejected_until = Some(now + time);
+        Some(time)
+    }
 }
 
 impl WorkerEntry {
     fn alive(&self, now: Instant) -> bool {
         self.expires.lock().map(|e| *e > now).unwrap_or(false)
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        // Plain data: a panic while holding the lock cannot leave it inconsistent.
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether it is ejected at `now`.
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.health().ejected(now)
+    }
+
+    /// Its run of failures and ejection.
+    pub fn health_view(&self) -> HealthView {
+        let h = *self.health();
+        HealthView {
+            consecutive_failures: h.consecutive,
+            ejections: h.ejections_total,
+            ejected_for: h
+                .ejected_until
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or_default(),
+        }
     }
 
     /// Time left on the lease.
@@ -67,17 +208,20 @@ pub struct Registry {
     model: Arc<Model>,
     ttl: Duration,
     security: Security,
+    ejection: Ejection,
+    open_timeout: Duration,
     workers: Mutex<HashMap<u64, Arc<WorkerEntry>>>,
     changed: tokio::sync::Notify,
 }
 
 impl Registry {
-    /// `security` dials workers (TLS, the coordinator's bearer token).
-    pub fn new(model: Arc<Model>, ttl: Duration, security: Security) -> Self {
+    pub fn new(model: Arc<Model>, settings: RegistrySettings) -> Self {
         Self {
             model,
-            ttl,
-            security,
+            ttl: settings.ttl,
+            security: settings.security,
+            ejection: settings.ejection,
+            open_timeout: settings.open_timeout,
             workers: Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
         }
@@ -160,9 +304,12 @@ impl Registry {
                 BranchesClient::new(channel).max_decoding_message_size(64 << 20),
                 self.model.clone(),
                 self.security.clone(),
+                self.open_timeout,
             ),
             outstanding: AtomicU32::new(0),
+            failures: AtomicU64::new(0),
             expires: Mutex::new(Instant::now() + self.ttl),
+            health: Mutex::new(Health::default()),
         });
         self.lock().insert(lease_id, entry);
         tracing::info!(
@@ -241,14 +388,48 @@ impl Registry {
     }
 
     /// The live worker hosting all of `segments` with the fewest requests in flight,
-    /// skipping `exclude`.
+    /// skipping `exclude`; an ejected worker only when every candidate is ejected.
     pub fn pick(&self, segments: &[usize], exclude: &[u64]) -> Option<Arc<WorkerEntry>> {
         let now = Instant::now();
         self.lock()
             .values()
             .filter(|w| w.alive(now) && w.hosts_all(segments) && !exclude.contains(&w.lease_id))
-            .min_by_key(|w| (w.outstanding.load(Ordering::Relaxed), w.lease_id))
+            .min_by_key(|w| {
+                (
+                    w.ejected(now),
+                    w.outstanding.load(Ordering::Relaxed),
+                    w.lease_id,
+                )
+            })
             .cloned()
+    }
+
+    /// A call to `worker` succeeded: its run of failures ends.
+    pub fn succeeded(&self, worker: &WorkerEntry) {
+        worker.health().succeed(&self.ejection, Instant::now());
+    }
+
+    /// A call to `worker` failed because of it: counts it, and ejects the worker after
+    /// `consecutive_failures` faults in a row. Returns whether this failure ejected it.
+    pub fn failed(&self, worker: &WorkerEntry, failure: Failure, why: &str) -> bool {
+        let failures = worker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failure == Failure::Overloaded {
+            return false;
+        }
+        let mut h = worker.health();
+        let Some(time) = h.fail(&self.ejection, Instant::now()) else {
+            return false;
+        };
+        tracing::warn!(
+            lease_id = worker.lease_id,
+            worker_id = worker.worker_id,
+            failures,
+            ejections = h.ejections_total,
+            ejected_ms = time.as_millis() as u64,
+            why,
+            "worker ejected after consecutive failures"
+        );
+        true
     }
 
     /// Like [`Registry::pick`], waiting up to `wait` for such a worker to register.
@@ -298,5 +479,68 @@ impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<WorkerEntry>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const E: Ejection = Ejection {
+        consecutive_failures: 3,
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(3),
+    };
+
+    #[test]
+    fn ejects_after_consecutive_faults_for_a_growing_capped_time() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        assert_eq!(h.fail(&E, t0), None);
+        assert_eq!(h.fail(&E, t0), None);
+        assert_eq!(h.fail(&E, t0), Some(Duration::from_secs(1)));
+        assert!(h.ejected(t0) && !h.ejected(t0 + Duration::from_secs(1)));
+        // Calls still failing from before the ejection start no new run.
+        assert_eq!(h.fail(&E, t0), None);
+        assert_eq!(h.consecutive, 0);
+        // Retried after the ejection time and still failing: twice as long, then capped.
+        let t1 = t0 + Duration::from_secs(1);
+        h.fail(&E, t1);
+        h.fail(&E, t1);
+        assert_eq!(h.fail(&E, t1), Some(Duration::from_secs(2)));
+        let t2 = t1 + Duration::from_secs(2);
+        for _ in 0..2 {
+            h.fail(&E, t2);
+        }
+        assert_eq!(h.fail(&E, t2), Some(Duration::from_secs(3)));
+        let t3 = t2 + Duration::from_secs(3);
+        for _ in 0..2 {
+            h.fail(&E, t3);
+        }
+        assert_eq!(
+            h.fail(&E, t3),
+            Some(Duration::from_secs(3)),
+            "capped at max"
+        );
+        assert_eq!(h.ejections_total, 4);
+    }
+
+    #[test]
+    fn a_success_ends_the_run_and_health_forgives_ejections() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        h.fail(&E, t0);
+        h.fail(&E, t0);
+        h.succeed(&E, t0);
+        assert_eq!(h.fail(&E, t0), None, "the run started again");
+        h.fail(&E, t0);
+        assert!(h.fail(&E, t0).is_some());
+        assert_eq!(h.ejections, 1);
+        let back = t0 + Duration::from_secs(1);
+        h.succeed(&E, back);
+        assert_eq!(h.ejections, 1, "not yet healthy for a base time");
+        h.succeed(&E, back + Duration::from_secs(1));
+        assert_eq!(h.ejections, 0);
+        assert_eq!(h.ejections_total, 1);
     }
 }

@@ -8,8 +8,8 @@ use spotlight_model::{MergeError, Model};
 use spotlight_proto::v1 as pb;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::link::FrameAnswers;
-use crate::registry::{InFlight, Registry};
+use crate::link::{FrameAnswers, FrameLogits};
+use crate::registry::{Failure, InFlight, Registry};
 use crate::task::{ActiveTask, RouteGroup};
 
 /// Routing deadlines.
@@ -21,20 +21,43 @@ pub struct RouteLimits {
     pub worker_timeout: Duration,
 }
 
+/// Most workers one branch's frames are sent to before they are answered with the last
+/// failure.
+const MAX_ATTEMPTS: usize = 3;
+
 /// Routes frames; cheap to clone.
 #[derive(Clone)]
 pub struct Router {
     model: Arc<Model>,
     registry: Arc<Registry>,
     limits: RouteLimits,
+    /// Turns true when a draining coordinator stops waiting for workers: frames still in
+    /// flight are then answered UNAVAILABLE, so each gets an answer before it exits.
+    give_up: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Router {
-    pub fn new(model: Arc<Model>, registry: Arc<Registry>, limits: RouteLimits) -> Self {
+    /// `give_up` turning true answers every frame still routing UNAVAILABLE.
+    pub fn new(
+        model: Arc<Model>,
+        registry: Arc<Registry>,
+        limits: RouteLimits,
+        give_up: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             model,
             registry,
             limits,
+            give_up,
+        }
+    }
+
+    /// Resolves once the router gives up on frames in flight (never, if the sender is gone
+    /// without giving up).
+    async fn given_up(&self) {
+        let mut rx = self.give_up.clone();
+        if rx.wait_for(|g| *g).await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -97,12 +120,25 @@ impl Router {
             }
         }
         if !tensors.is_empty() {
-            let results = match task.groups.as_slice() {
-                [one] => vec![self.call(one, tensors).await],
-                groups => {
-                    let calls = groups.iter().map(|g| self.call(g, tensors.clone()));
-                    futures::future::join_all(calls).await
+            let groups = task.groups.len();
+            let work = async {
+                match task.groups.as_slice() {
+                    [one] => vec![self.call(one, tensors).await],
+                    groups => {
+                        let calls = groups.iter().map(|g| self.call(g, tensors.clone()));
+                        futures::future::join_all(calls).await
+                    }
                 }
+            };
+            let results = tokio::select! {
+                results = work => results,
+                _ = self.given_up() => vec![
+                    Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        "the coordinator is shutting down and its drain time is nearly over; the frame was not answered in time",
+                    ));
+                    groups
+                ],
             };
             for result in results {
                 match result {
@@ -193,58 +229,115 @@ impl Router {
         })
     }
 
-    /// Sends one branch's work to the least busy live replica; one retry on another replica
-    /// if the first is unreachable.
+    /// Sends one branch's work to the least busy healthy replica. A replica that is
+    /// unreachable is counted against it and the frames go to another (up to
+    /// `MAX_ATTEMPTS` replicas); frames a replica refuses for lack of room
+    /// (RESOURCE_EXHAUSTED) go to another replica when there is one. A replica that does
+    /// not answer within `worker_timeout` is DEADLINE_EXCEEDED: the time is spent.
     async fn call(
         &self,
         group: &RouteGroup,
         features: Vec<pb::FeatureTensor>,
     ) -> Result<FrameAnswers, ApiError> {
         let segments = &group.segments;
+        let mut answers: Vec<Option<Result<FrameLogits, ApiError>>> = vec![None; features.len()];
+        // Frames not answered yet, by index into `features`.
+        let mut todo: Vec<usize> = (0..features.len()).collect();
         let mut tried = Vec::new();
-        loop {
+        let mut last: Option<ApiError> = None;
+        while !todo.is_empty() && tried.len() < MAX_ATTEMPTS {
             let wait = if tried.is_empty() {
                 self.limits.no_worker_wait
             } else {
                 Duration::ZERO
             };
             let Some(worker) = self.registry.pick_within(segments, &tried, wait).await else {
-                let ids: Vec<_> = segments
-                    .iter()
-                    .map(|&s| self.model.segments()[s].id.as_str())
-                    .collect();
-                return Err(ApiError::new(
-                    ErrorCode::Unavailable,
-                    if tried.is_empty() {
-                        format!(
-                            "no live worker hosts segments {ids:?} (waited {} ms)",
-                            self.limits.no_worker_wait.as_millis()
-                        )
-                    } else {
-                        format!("every live worker hosting segments {ids:?} failed")
-                    },
-                ));
+                break;
             };
             tried.push(worker.lease_id);
-            let _in_flight = InFlight::new(worker.clone(), features.len() as u32);
-            let call = worker.link.run(group.runs.clone(), features.clone());
-            match tokio::time::timeout(self.limits.worker_timeout, call).await {
-                Ok(Ok(answers)) => return Ok(answers),
-                Ok(Err(e)) if e.code == ErrorCode::Unavailable && tried.len() < 2 => {
-                    tracing::warn!(worker = worker.worker_id, error = %e.message, "worker unreachable; trying another replica");
+            let batch: Vec<pb::FeatureTensor> = if todo.len() == features.len() {
+                features.clone()
+            } else {
+                todo.iter().map(|&i| features[i].clone()).collect()
+            };
+            let _in_flight = InFlight::new(worker.clone(), batch.len() as u32);
+            let call = worker.link.run(group.runs.clone(), batch);
+            let result = match tokio::time::timeout(self.limits.worker_timeout, call).await {
+                Ok(result) => result,
+                Err(_) => Err(ApiError::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!(
+                        "worker \"{}\" did not answer within {} ms",
+                        worker.worker_id,
+                        self.limits.worker_timeout.as_millis()
+                    ),
+                )),
+            };
+            match result {
+                Ok(got) => {
+                    let mut refused = Vec::new();
+                    for (&i, answer) in todo.iter().zip(got) {
+                        if matches!(&answer, Err(e) if e.code == ErrorCode::ResourceExhausted) {
+                            refused.push(i);
+                        }
+                        answers[i] = Some(answer);
+                    }
+                    if refused.is_empty() {
+                        self.registry.succeeded(&worker);
+                    } else {
+                        self.registry
+                            .failed(&worker, Failure::Overloaded, "queue full");
+                        tracing::debug!(
+                            worker = worker.worker_id,
+                            frames = refused.len(),
+                            "worker queue full; trying another replica"
+                        );
+                    }
+                    todo = refused;
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(ApiError::new(
-                        ErrorCode::DeadlineExceeded,
-                        format!(
-                            "worker \"{}\" did not answer within {} ms",
-                            worker.worker_id,
-                            self.limits.worker_timeout.as_millis()
-                        ),
-                    ));
+                Err(e) => {
+                    self.registry.failed(&worker, Failure::Fault, &e.message);
+                    if e.code != ErrorCode::Unavailable {
+                        // Past the deadline, or an answer that cannot be used: not retried.
+                        for &i in &todo {
+                            answers[i] = Some(Err(e.clone()));
+                        }
+                        todo.clear();
+                        break;
+                    }
+                    tracing::warn!(worker = worker.worker_id, error = %e.message, "worker unreachable; trying another replica");
+                    last = Some(e);
                 }
             }
         }
+        if answers.iter().all(Option::is_none) {
+            let ids: Vec<_> = segments
+                .iter()
+                .map(|&s| self.model.segments()[s].id.as_str())
+                .collect();
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                match last {
+                    None => format!(
+                        "no live worker hosts segments {ids:?} (waited {} ms)",
+                        self.limits.no_worker_wait.as_millis()
+                    ),
+                    Some(e) => format!(
+                        "every live worker hosting segments {ids:?} failed; last: {}",
+                        e.message
+                    ),
+                },
+            ));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(last.clone().unwrap_or_else(|| {
+                        ApiError::new(ErrorCode::Unavailable, "no worker could take the frame")
+                    }))
+                })
+            })
+            .collect())
     }
 }
