@@ -691,6 +691,20 @@ async fn a_worker_answering_garbage_is_ejected_and_every_frame_is_predicted() {
     );
     assert_eq!(predictions, 3000, "each call to garbage is retried on b");
     assert!(ejections >= 1 && failures >= 3, "{w:?}");
+    // gRPC ListWorkers reports the same counts.
+    let listed = pb::control_client::ControlClient::connect(c.grpc.clone())
+        .await
+        .unwrap()
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let garbage = listed.iter().find(|w| w.worker_id == "garbage").unwrap();
+    assert!(
+        garbage.failures >= failures && garbage.ejections as u64 >= ejections,
+        "{garbage:?}"
+    );
     // Without ejection, least-outstanding would prefer the replica that fails fast for
     // nearly every call; with it, garbage sees a few calls per ejection.
     let calls_b = worker_requests(&endpoint(&c, "b")).await;

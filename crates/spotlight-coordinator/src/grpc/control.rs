@@ -104,16 +104,24 @@ impl pb::control_server::Control for ControlService {
             .registry
             .live()
             .iter()
-            .map(|w| pb::WorkerInfo {
-                worker_id: w.worker_id.clone(),
-                endpoint: w.endpoint.clone(),
-                segments: w
-                    .segments
-                    .iter()
-                    .map(|&s| m.segments()[s].id.clone())
-                    .collect(),
-                outstanding: w.outstanding.load(std::sync::atomic::Ordering::Relaxed),
-                lease_remaining_ms: w.lease_remaining().as_millis() as u32,
+            .map(|w| {
+                let health = w.health_view();
+                pb::WorkerInfo {
+                    worker_id: w.worker_id.clone(),
+                    endpoint: w.endpoint.clone(),
+                    segments: w
+                        .segments
+                        .iter()
+                        .map(|&s| m.segments()[s].id.clone())
+                        .collect(),
+                    outstanding: w.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+                    lease_remaining_ms: w.lease_remaining().as_millis() as u32,
+                    failures: w.failures.load(std::sync::atomic::Ordering::Relaxed),
+                    consecutive_failures: health.consecutive_failures,
+                    ejections: health.ejections,
+                    ejected_remaining_ms: health.ejected_for.as_millis().min(u32::MAX as u128)
+                        as u32,
+                }
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
