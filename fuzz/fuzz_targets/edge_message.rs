@@ -1,6 +1,6 @@
 //! Any bytes as a `spotlight.v1.EdgeMessage` (prost), as the coordinator's inference stream
 //! receives them; each frame goes through the coordinator's own tensor check
-//! (`Router::check_features`). A frame the coordinator lets through must also pass the
+//! (`router::check_features`). A frame the coordinator lets through must also pass the
 //! worker's `check_request` (otherwise the coordinator forwards frames every worker refuses).
 //!
 //! Input: one flags byte, then the protobuf. Flag bit 0 gives every frame with a tensor but no
@@ -8,26 +8,12 @@
 
 #![no_main]
 
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
-
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use spotlight_coordinator::ErrorCode;
-use spotlight_coordinator::registry::Registry;
-use spotlight_coordinator::router::{RouteLimits, Router};
+use spotlight_coordinator::router::check_features;
 use spotlight_proto::v1 as pb;
 use spotlight_worker::engine::check_request;
-
-static ROUTER: LazyLock<Router> = LazyLock::new(|| {
-    let model = spotlight_fuzz::model().clone();
-    let registry = Arc::new(Registry::new(model.clone(), Duration::from_secs(10)));
-    let limits = RouteLimits {
-        no_worker_wait: Duration::ZERO,
-        worker_timeout: Duration::ZERO,
-    };
-    Router::new(model, registry, limits)
-});
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, bytes)) = data.split_first() else {
@@ -61,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let mut passed = Vec::new();
     for f in &frames {
-        match ROUTER.check_features(f.features.as_ref()) {
+        match check_features(model, f.features.as_ref()) {
             Ok(()) => passed.push(f.features.clone().unwrap_or_default()),
             Err(e) => {
                 assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");

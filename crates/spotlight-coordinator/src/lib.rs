@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
-use spotlight_service::{Access, Alpn, Security};
+use spotlight_service::{Access, Alpn, Security, Shutdown};
 use tokio::net::TcpListener;
 
 pub use error::{ApiError, ErrorCode};
@@ -137,8 +137,9 @@ pub(crate) struct Shared {
     pub(crate) task: task::TaskState,
     pub(crate) registry: Arc<registry::Registry>,
     pub(crate) router: router::Router,
-    /// Turns true when shutdown starts: long-lived streams end so the servers can drain.
-    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// The process's shutdown: when it begins, long-lived streams end so the servers can
+    /// drain.
+    pub(crate) shutdown: Shutdown,
     /// Frames in flight over all streams (`max_in_flight_total` permits).
     pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -147,8 +148,7 @@ impl Shared {
     /// Segment ids with no live worker.
     /// Resolves once shutdown has started.
     pub(crate) async fn stopping(&self) {
-        let mut rx = self.stopping.clone();
-        let _ = rx.wait_for(|s| *s).await;
+        self.shutdown.begun().await;
     }
 
     /// Checks the caller's credentials for `access` (open when no tokens are configured).
@@ -216,18 +216,17 @@ pub async fn run(
         worker_timeout: Duration::from_millis(config.worker_timeout_ms),
     };
     let drain = Duration::from_millis(config.drain_timeout_ms);
-    let (give_up_tx, give_up_rx) = tokio::sync::watch::channel(false);
-    let router = router::Router::new(model.clone(), registry.clone(), limits, give_up_rx);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!(drain_ms = drain.as_millis() as u64, "coordinator draining");
-        let _ = stop_tx.send(true);
-        // Frames still waiting for a worker get an explicit answer with time left to
-        // deliver it (up to 1 s, at most half the drain time).
-        tokio::time::sleep(drain - (drain / 2).min(Duration::from_secs(1))).await;
-        let _ = give_up_tx.send(true);
-    });
+    // Frames still waiting for a worker when the drain is nearly over get an explicit
+    // answer with time left to deliver it (up to 1 s, at most half the drain time).
+    let stop = Shutdown::new();
+    stop.follow(
+        async move {
+            shutdown.await;
+            tracing::info!(drain_ms = drain.as_millis() as u64, "coordinator draining");
+        },
+        drain,
+    );
+    let router = router::Router::new(model.clone(), registry.clone(), limits, stop.clone());
     let config_total = config.max_in_flight_total;
     let shared = Arc::new(Shared {
         config,
@@ -235,7 +234,7 @@ pub async fn run(
         task,
         registry: registry.clone(),
         router,
-        stopping: stop_rx.clone(),
+        shutdown: stop.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(config_total)),
     });
     let security = shared.config.security.clone();
@@ -249,12 +248,7 @@ pub async fn run(
         "coordinator serving"
     );
 
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let stopped = move || stop.begun();
 
     let reaper = {
         let registry = registry.clone();

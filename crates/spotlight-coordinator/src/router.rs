@@ -31,57 +31,57 @@ pub struct Router {
     model: Arc<Model>,
     registry: Arc<Registry>,
     limits: RouteLimits,
-    /// Turns true when a draining coordinator stops waiting for workers: frames still in
-    /// flight are then answered UNAVAILABLE, so each gets an answer before it exits.
-    give_up: tokio::sync::watch::Receiver<bool>,
+    /// When a draining coordinator's shutdown is `late`, frames still in flight are
+    /// answered UNAVAILABLE, so each gets an answer before it exits.
+    shutdown: spotlight_service::Shutdown,
+}
+
+/// Checks a frame's tensor against `model` without decoding it (shape, codec, byte length).
+pub fn check_features(model: &Model, f: Option<&pb::FeatureTensor>) -> Result<(), ApiError> {
+    let f =
+        f.ok_or_else(|| ApiError::new(ErrorCode::InvalidArgument, "frame has no feature tensor"))?;
+    let codec = Codec::from_wire(f.codec)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    let expected = model.feature_shape(1);
+    if f.shape != expected {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "feature tensor has shape {:?}; model {} expects {:?}",
+                f.shape,
+                model.name(),
+                expected
+            ),
+        ));
+    }
+    spotlight_codec::check_len(codec, f.data.len(), model.feature_len())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))
 }
 
 impl Router {
-    /// `give_up` turning true answers every frame still routing UNAVAILABLE.
+    /// Once `shutdown` is late, every frame still routing is answered UNAVAILABLE.
     pub fn new(
         model: Arc<Model>,
         registry: Arc<Registry>,
         limits: RouteLimits,
-        give_up: tokio::sync::watch::Receiver<bool>,
+        shutdown: spotlight_service::Shutdown,
     ) -> Self {
         Self {
             model,
             registry,
             limits,
-            give_up,
+            shutdown,
         }
     }
 
-    /// Resolves once the router gives up on frames in flight (never, if the sender is gone
-    /// without giving up).
+    /// Resolves once the router gives up on frames in flight.
     async fn given_up(&self) {
-        let mut rx = self.give_up.clone();
-        if rx.wait_for(|g| *g).await.is_err() {
-            std::future::pending::<()>().await;
-        }
+        self.shutdown.late().await;
     }
 
     /// Checks a frame's tensor against the model without decoding it.
     pub fn check_features(&self, f: Option<&pb::FeatureTensor>) -> Result<(), ApiError> {
-        let f = f.ok_or_else(|| {
-            ApiError::new(ErrorCode::InvalidArgument, "frame has no feature tensor")
-        })?;
-        let codec = Codec::from_wire(f.codec)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-        let expected = self.model.feature_shape(1);
-        if f.shape != expected {
-            return Err(ApiError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "feature tensor has shape {:?}; model {} expects {:?}",
-                    f.shape,
-                    self.model.name(),
-                    expected
-                ),
-            ));
-        }
-        spotlight_codec::check_len(codec, f.data.len(), self.model.feature_len())
-            .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))
+        check_features(&self.model, f)
     }
 
     /// Answers one frame under `task`.

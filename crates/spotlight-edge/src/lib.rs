@@ -165,7 +165,7 @@ async fn run_validated(
         .spawn(move || reporter.run(records_rx))
         .map_err(|e| EdgeError::Internal(format!("cannot start the reporter thread: {e}")))?;
 
-    let stop = Arc::new(watch::channel(false).0);
+    let stop = spotlight_service::Shutdown::new();
     let seq = SeqGen::default();
     let mut tasks = Vec::new();
     if let Some(dataset) = dataset {
@@ -176,7 +176,7 @@ async fn run_validated(
                 config.limit,
                 seq.clone(),
                 items_tx.clone(),
-                stop.subscribe(),
+                stop.clone(),
             );
             async move {
                 fut.await;
@@ -189,13 +189,11 @@ async fn run_validated(
             tracing::info!(%addr, "local API listening");
         }
         let router = local_api::router(items_tx.clone(), seq.clone());
-        let mut stopped = stop.subscribe();
+        let stopped = stop.begun();
         tasks.push(tokio::spawn(
             async move {
                 let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    })
+                    .with_graceful_shutdown(stopped)
                     .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "local API failed");
@@ -231,11 +229,11 @@ async fn run_validated(
         r = &mut driver => r,
         () = shutdown => {
             tracing::info!("shutdown requested");
-            stop.send_replace(true);
+            stop.begin();
             driver.await
         }
     };
-    stop.send_replace(true);
+    stop.begin();
     for t in tasks {
         t.await.map_err(internal("source task"))?;
     }

@@ -3,7 +3,6 @@
 //! unanswered frames.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -11,7 +10,7 @@ use spotlight_proto::v1::inference_client::InferenceClient;
 use spotlight_proto::v1::{
     CloudMessage, EdgeMessage, Frame, FrameError, Hello, Prediction, cloud_message, edge_message,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::Instrument;
@@ -157,12 +156,6 @@ pub(crate) fn prediction_from_proto(p: Prediction) -> CloudPrediction {
     }
 }
 
-/// Resolves once stop is set.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    // The sender lives as long as the driver, so this only returns on stop.
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 /// What stopped a session.
 enum SessionEnd {
     /// Input finished and every frame answered.
@@ -199,9 +192,8 @@ pub(crate) struct StreamDriver {
     pub sink: Sink,
     pub jobs: mpsc::Receiver<Job>,
     pub window: Window,
-    /// Set to true on shutdown (external) or by the driver itself on fatal errors.
-    pub stop: Arc<watch::Sender<bool>>,
-    pub stop_rx: watch::Receiver<bool>,
+    /// Begun on shutdown (external) or by the driver itself on fatal errors.
+    pub stop: spotlight_service::Shutdown,
     /// Frames waiting longer than this with no answer at all mean a stuck stream:
     /// reconnect and re-send.
     pub answer_timeout: Duration,
@@ -222,9 +214,8 @@ impl StreamDriver {
         sink: Sink,
         jobs: mpsc::Receiver<Job>,
         max_in_flight: usize,
-        stop: Arc<watch::Sender<bool>>,
+        stop: spotlight_service::Shutdown,
     ) -> Self {
-        let stop_rx = stop.subscribe();
         Self {
             endpoint,
             coordinator,
@@ -235,7 +226,6 @@ impl StreamDriver {
             jobs,
             window: Window::new(max_in_flight),
             stop,
-            stop_rx,
             answer_timeout: Duration::from_secs(30),
             security: spotlight_service::Security::insecure(),
             input_open: true,
@@ -317,7 +307,7 @@ impl StreamDriver {
             tokio::select! {
                 _ = &mut sleep => return false,
                 _ = tokio::time::sleep_until(deadline), if self.deadline.is_some() => return true,
-                _ = stopped(&mut self.stop_rx), if self.deadline.is_none() => self.start_drain(),
+                _ = self.stop.begun(), if self.deadline.is_none() => self.start_drain(),
             }
         }
     }
@@ -334,7 +324,7 @@ impl StreamDriver {
     /// Fails every frame in flight and every job still to come with `failure`, and stops
     /// the sources.
     async fn fail_all(&mut self, failure: FrameFailure) {
-        self.stop.send_replace(true);
+        self.stop.begin();
         for p in self.window.drain() {
             self.sink.fail(p.meta, failure.clone());
         }
@@ -445,7 +435,7 @@ impl StreamDriver {
                 m = inbound.next() => Event::Inbound(m),
                 _ = tokio::time::sleep_until(progress + self.answer_timeout), if !self.window.is_empty() => Event::Stalled,
                 j = self.jobs.recv(), if take_jobs => Event::Job(j),
-                _ = stopped(&mut self.stop_rx), if self.deadline.is_none() => Event::Stop,
+                _ = self.stop.begun(), if self.deadline.is_none() => Event::Stop,
                 _ = tokio::time::sleep_until(deadline), if self.deadline.is_some() => Event::Deadline,
             };
             match event {

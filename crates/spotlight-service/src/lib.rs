@@ -9,6 +9,7 @@ pub mod auth;
 pub mod certs;
 pub mod error;
 mod secret;
+pub mod shutdown;
 pub mod tls;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use tonic::transport::Endpoint;
 pub use auth::{Access, AuthError, Principal, Role, TokenEntry, TokenStore};
 pub use error::{ApiError, ErrorCode};
 pub use secret::Secret;
+pub use shutdown::Shutdown;
 pub use tls::{Alpn, ClientTls, Conn, Incoming, ServerTls};
 
 /// `[security]`: certificates and credentials of one process. Paths are PEM files except

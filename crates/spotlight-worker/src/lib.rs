@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
-use spotlight_service::{Access, Alpn, Security};
+use spotlight_service::{Access, Alpn, Security, Shutdown};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -239,21 +239,19 @@ pub async fn run(
     config.security.spawn_reloader();
     tracing::info!(worker_id = config.worker_id, %local, advertise, segments = ?engine.segment_ids(), tls = config.security.tls(), authenticated = config.security.authenticates(), "worker serving");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
+    // One shutdown for the server and the registration; a refused registration begins it
+    // too.
+    let stop = Shutdown::new();
     {
-        let stop_tx = stop_tx.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
+            tokio::select! {
+                _ = shutdown => stop.begin(),
+                _ = stop.begun() => {}
+            }
         });
     }
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let stopped = || stop.begun();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -291,7 +289,7 @@ pub async fn run(
     };
     let registered = registration.keep(stopped()).await;
     // A refused registration (e.g. another model) stops the server too.
-    let _ = stop_tx.send(true);
+    stop.begin();
     let served = server
         .await
         .map_err(|e| WorkerError::Registration(e.to_string()))?;

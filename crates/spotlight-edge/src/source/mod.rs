@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use spotlight_model::Model;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::EdgeError;
 use crate::config::SourceConfig;
@@ -75,7 +75,7 @@ pub(crate) async fn feed(
     limit: Option<u64>,
     seq: SeqGen,
     items: mpsc::Sender<Item>,
-    mut stop: watch::Receiver<bool>,
+    stop: spotlight_service::Shutdown,
 ) -> u64 {
     let limit = limit.unwrap_or(u64::MAX);
     let mut sent = 0u64;
@@ -126,7 +126,7 @@ pub(crate) async fn feed(
         i += 1;
         tokio::select! {
             r = items.send(item) => if r.is_err() { break },
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.begun() => break,
         }
         sent += 1;
     }

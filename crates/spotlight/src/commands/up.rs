@@ -9,7 +9,7 @@ use spotlight_edge::{RunOptions, SourceConfig};
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::control_client::ControlClient;
 use spotlight_service::certs::DevPki;
-use spotlight_service::{AuthChannel, Role, Security};
+use spotlight_service::{AuthChannel, Role, Security, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -87,8 +87,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
     };
 
     // Workers stop before the coordinator, so that they can still deregister with it.
-    let (stop_coordinator, coordinator_stop) = watch::channel(false);
-    let (stop_workers, workers_stop) = watch::channel(false);
+    let (stop_coordinator, stop_workers) = (Shutdown::new(), Shutdown::new());
 
     // Coordinator.
     let mut c = settings.coordinator.clone();
@@ -114,7 +113,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         c,
         model.clone(),
         spotlight_coordinator::Listeners { grpc, http },
-        stopped(&coordinator_stop),
+        stop_coordinator.begun(),
     ));
     let scheme = if creds.is_some() { "https" } else { "http" };
     let coordinator_url = format!("{scheme}://{grpc_addr}");
@@ -142,7 +141,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
                 config,
                 model.clone(),
                 listener,
-                stopped(&workers_stop),
+                stop_workers.begun(),
             )));
         }
     }
@@ -234,21 +233,13 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         }
         shutdown_signal().await;
     }
-    let _ = stop_workers.send(true);
+    stop_workers.begin();
     for w in workers {
         w.await.context("worker task")??;
     }
-    let _ = stop_coordinator.send(true);
+    stop_coordinator.begin();
     coordinator.await.context("coordinator task")??;
     Ok(())
-}
-
-/// Resolves once `true` is sent on the channel (or its sender is gone).
-fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
-    let mut rx = rx.clone();
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
 }
 
 async fn connect(security: &Security, url: &str) -> anyhow::Result<ControlClient<AuthChannel>> {
