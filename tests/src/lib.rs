@@ -140,6 +140,7 @@ pub fn hello(hash: &str) -> pb::EdgeMessage {
             model_hash: hash.to_string(),
             edge_id: "test".into(),
             batch_answers: false,
+            ..Default::default()
         })),
     }
 }

@@ -2,23 +2,36 @@
 
 use std::time::Duration;
 
-use spotlight_edge::{EdgeConfig, ReconnectConfig, RunOptions, SourceConfig};
+use spotlight_edge::{EdgeConfig, ReconnectConfig, RunOptions, SourceConfig, Transport};
 use spotlight_proto::v1 as pb;
 use spotlight_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_loses_no_frame_across_a_coordinator_restart() {
+    restart_under(Transport::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_edge_loses_no_frame_across_a_coordinator_restart() {
+    restart_under(Transport::Quic).await;
+}
+
+async fn restart_under(transport: Transport) {
     let mut sandbox = SandboxBuilder::new()
         .worker_per_branch()
         // Workers need a heartbeat or two to register with the new coordinator.
         .config(|c| c.no_worker_wait_ms = 5000)
         .start()
         .await;
-    let out = std::env::temp_dir().join(format!("spotlight-restart-{}.jsonl", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "spotlight-restart-{transport:?}-{}.jsonl",
+        std::process::id()
+    ));
     let dir = std::env::var("SPOTLIGHT_FASHION_MNIST_DIR")
         .unwrap_or_else(|_| "/usr/share/datasets/fashion-mnist".into());
     let config = EdgeConfig {
         coordinator: format!("http://{}", sandbox.grpc),
+        transport,
         source: SourceConfig::Idx {
             images: format!("{dir}/t10k-images-idx3-ubyte.gz").into(),
             labels: Some(format!("{dir}/t10k-labels-idx1-ubyte.gz").into()),

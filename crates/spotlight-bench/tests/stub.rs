@@ -176,6 +176,7 @@ async fn every_frame_is_routed_to_every_branch_and_answered() {
             model_hash: model.hash().into(),
             edge_id: "stub-test".into(),
             batch_answers: false,
+            ..Default::default()
         })),
     })
     .await

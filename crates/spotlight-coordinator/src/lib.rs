@@ -6,6 +6,7 @@ pub mod error;
 mod grpc;
 mod http;
 pub mod link;
+mod quic;
 pub mod registry;
 pub mod router;
 pub mod task;
@@ -32,6 +33,9 @@ pub struct CoordinatorConfig {
     pub grpc_listen: SocketAddr,
     /// HTTP/JSON control API address.
     pub http_listen: SocketAddr,
+    /// Also serve edges over QUIC (UDP) on the gRPC address's port: an edge switches with
+    /// `transport = "quic"` and the same address.
+    pub quic: bool,
     /// Where the task is persisted; none keeps it in memory only.
     pub state_file: Option<PathBuf>,
     /// Worker lease time to live.
@@ -66,6 +70,7 @@ impl Default for CoordinatorConfig {
         Self {
             grpc_listen: ([0, 0, 0, 0], 7000).into(),
             http_listen: ([0, 0, 0, 0], 7080).into(),
+            quic: true,
             state_file: None,
             lease_ttl_ms: 6000,
             no_worker_wait_ms: 1000,
@@ -238,6 +243,10 @@ pub async fn run(
         in_flight: Arc::new(tokio::sync::Semaphore::new(config_total)),
     });
     let security = shared.config.security.clone();
+    let grpc_addr = listeners
+        .grpc
+        .local_addr()
+        .map_err(CoordinatorError::Http)?;
     tracing::info!(
         grpc = ?listeners.grpc.local_addr().ok(),
         http = ?listeners.http.local_addr().ok(),
@@ -311,6 +320,32 @@ pub async fn run(
                 .map_err(CoordinatorError::Http)?,
             stopped(),
         );
+    let quic = match shared.config.quic {
+        true => {
+            let addr = grpc_addr;
+            // A coordinator restarted on the same address may find its predecessor's QUIC
+            // socket still closing for a moment.
+            let mut tries = 0;
+            let socket = loop {
+                match std::net::UdpSocket::bind(addr) {
+                    Ok(s) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => {
+                        return Err(CoordinatorError::Http(std::io::Error::new(
+                            e.kind(),
+                            format!("binding QUIC (UDP) {addr}: {e}"),
+                        )));
+                    }
+                }
+            };
+            tracing::info!(quic = %addr, "serving edges over QUIC too");
+            Some(tokio::spawn(quic::serve(shared.clone(), socket)))
+        }
+        false => None,
+    };
     let http = axum::serve(
         security
             .incoming(listeners.http, Alpn::Http1)
@@ -322,7 +357,17 @@ pub async fn run(
     // A peer that never finishes its part of a graceful close (a stopped worker holding a
     // registry connection, an edge that keeps its side of a stream open) cannot hold the
     // coordinator past its drain time.
-    let servers = async { tokio::join!(grpc, http.into_future()) };
+    let servers = async {
+        let (g, h) = tokio::join!(grpc, http.into_future());
+        if let Some(q) = quic {
+            match q.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "QUIC server failed"),
+                Err(e) => tracing::error!(error = %e, "QUIC server task failed"),
+            }
+        }
+        (g, h)
+    };
     let deadline = async {
         stopped().await;
         tokio::time::sleep(drain).await;

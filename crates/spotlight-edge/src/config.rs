@@ -15,6 +15,9 @@ use crate::EdgeError;
 pub struct EdgeConfig {
     /// Coordinator endpoint, e.g. `http://127.0.0.1:7000`.
     pub coordinator: String,
+    /// How frames travel: `grpc` (HTTP/2 over TCP) or `quic` (UDP, to the same address; a
+    /// lost packet delays only the frames it carries).
+    pub transport: Transport,
     /// Free-form identifier of this device, sent in the hello.
     pub edge_id: String,
     /// Codec of the feature tensors on the wire.
@@ -48,6 +51,7 @@ impl Default for EdgeConfig {
     fn default() -> Self {
         Self {
             coordinator: "http://127.0.0.1:7000".into(),
+            transport: Transport::Grpc,
             edge_id: "edge".into(),
             codec: Codec::Int8,
             source: SourceConfig::None,
@@ -63,6 +67,17 @@ impl Default for EdgeConfig {
             answer_timeout_ms: 30_000,
         }
     }
+}
+
+/// The transport between edge and coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// gRPC: one HTTP/2 stream over TCP.
+    #[default]
+    Grpc,
+    /// QUIC: each message on a QUIC stream of its own.
+    Quic,
 }
 
 /// Where the edge agent reads images from.

@@ -22,7 +22,7 @@ mod stream;
 mod summary;
 
 pub use backbone::{Backbone, feature_tensor};
-pub use config::{EdgeConfig, ReconnectConfig, SourceConfig};
+pub use config::{EdgeConfig, ReconnectConfig, SourceConfig, Transport};
 pub use error::EdgeError;
 pub use image_input::{decode_image, fit_gray};
 pub use local_api::{ClassifyResponse, http_status};
@@ -208,6 +208,7 @@ async fn run_validated(
         model_hash: model.hash().to_string(),
         edge_id: config.edge_id.clone(),
         batch_answers: true,
+        ..Default::default()
     };
     let driver = StreamDriver::new(
         endpoint,
@@ -223,6 +224,7 @@ async fn run_validated(
     let mut driver = driver;
     driver.answer_timeout = Duration::from_millis(config.answer_timeout_ms);
     driver.security = security;
+    driver.transport = config.transport;
     let mut driver = tokio::spawn(driver.run().in_current_span());
     let shutdown = std::pin::pin!(shutdown);
     let result = tokio::select! {

@@ -17,11 +17,27 @@ use tracing::Instrument;
 
 use crate::EdgeError;
 use crate::backbone::Job;
-use crate::config::ReconnectConfig;
+use crate::config::{ReconnectConfig, Transport};
 use crate::record::{CloudPrediction, FrameFailure, ItemMeta, Score, Sink, code};
 
 /// How long to wait for `ready` after the hello.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers from the coordinator, whatever the transport.
+type Inbound =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<CloudMessage, tonic::Status>> + Send>>;
+
+/// A QUIC connection's end as a gRPC status: the coordinator closes with the status code as
+/// its application error code and the message as the reason.
+fn quic_status(e: &quinn::ConnectionError) -> tonic::Status {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => tonic::Status::new(
+            tonic::Code::from(close.error_code.into_inner() as i32),
+            String::from_utf8_lossy(&close.reason).to_string(),
+        ),
+        other => tonic::Status::unavailable(format!("QUIC connection: {other}")),
+    }
+}
 
 /// A frame sent and not yet answered.
 #[derive(Debug)]
@@ -199,6 +215,8 @@ pub(crate) struct StreamDriver {
     pub answer_timeout: Duration,
     /// Adds the edge's bearer token to every stream it opens.
     pub security: spotlight_service::Security,
+    /// gRPC or QUIC.
+    pub transport: Transport,
     input_open: bool,
     deadline: Option<tokio::time::Instant>,
 }
@@ -228,6 +246,7 @@ impl StreamDriver {
             stop,
             answer_timeout: Duration::from_secs(30),
             security: spotlight_service::Security::insecure(),
+            transport: Transport::Grpc,
             input_open: true,
             deadline: None,
         }
@@ -334,15 +353,135 @@ impl StreamDriver {
         self.input_open = false;
     }
 
-    async fn open(
-        &mut self,
-    ) -> Result<
-        (
-            mpsc::Sender<EdgeMessage>,
-            tonic::codec::Streaming<CloudMessage>,
-        ),
-        OpenError,
-    > {
+    async fn open(&mut self) -> Result<(mpsc::Sender<EdgeMessage>, Inbound), OpenError> {
+        match self.transport {
+            Transport::Grpc => self.open_grpc().await,
+            Transport::Quic => self.open_quic().await,
+        }
+    }
+
+    /// QUIC: hello and ready on a control stream, then each message on a stream of its own
+    /// whose answers come back on it (see `spotlight_service::quic`).
+    async fn open_quic(&mut self) -> Result<(mpsc::Sender<EdgeMessage>, Inbound), OpenError> {
+        use spotlight_service::quic::{read_msg, write_msg};
+        let uri: tonic::codegen::http::Uri = self
+            .coordinator
+            .parse()
+            .map_err(|e| OpenError::Fatal(EdgeError::Config(format!("coordinator: {e}"))))?;
+        let host = uri
+            .host()
+            .unwrap_or("127.0.0.1")
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = uri.port_u16().unwrap_or(7000);
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| OpenError::Retry(format!("cannot resolve {host}:{port}")))?;
+        let config = self
+            .security
+            .quic_client_config()
+            .map_err(|e| OpenError::Fatal(EdgeError::Config(e.to_string())))?;
+        let bind: std::net::SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| OpenError::Retry(format!("QUIC socket: {e}")))?;
+        endpoint.set_default_client_config(config);
+        let conn = endpoint
+            .connect(addr, self.security.quic_server_name(&host))
+            .map_err(|e| OpenError::Retry(format!("cannot connect: {e}")))?
+            .await
+            .map_err(|e| self.classify(quic_status(&e)))?;
+        let (mut control_tx, mut control_rx) = conn
+            .open_bi()
+            .await
+            .map_err(|e| self.classify(quic_status(&e)))?;
+        let mut hello = self.hello.clone();
+        hello.authorization = self.security.bearer_string();
+        let hello = EdgeMessage {
+            kind: Some(edge_message::Kind::Hello(hello)),
+        };
+        write_msg(&mut control_tx, &hello)
+            .await
+            .map_err(|e| OpenError::Retry(format!("sending hello: {e}")))?;
+        let first = tokio::time::timeout(READY_TIMEOUT, read_msg::<CloudMessage>(&mut control_rx))
+            .await
+            .map_err(|_| OpenError::Retry(format!("no ready within {READY_TIMEOUT:?}")))?;
+        match first {
+            Ok(Some(CloudMessage {
+                kind: Some(cloud_message::Kind::Ready(ready)),
+            })) => {
+                tracing::info!(task_version = ready.task_version, model = %ready.model_name,
+                    resend = self.window.len(), transport = "quic", "stream ready");
+            }
+            Ok(Some(other)) => {
+                return Err(OpenError::Retry(format!(
+                    "expected ready after hello, got {:?}",
+                    other.kind
+                )));
+            }
+            _ => {
+                // Refused: the close carries the status.
+                let status = match conn.close_reason() {
+                    Some(e) => quic_status(&e),
+                    None => match tokio::time::timeout(READY_TIMEOUT, conn.closed()).await {
+                        Ok(e) => quic_status(&e),
+                        Err(_) => tonic::Status::unavailable("no ready after hello"),
+                    },
+                };
+                return Err(self.classify(status));
+            }
+        }
+        let (tx, mut rx) = mpsc::channel::<EdgeMessage>(self.window.cap + 2);
+        let (answers_tx, answers_rx) = mpsc::channel(self.window.cap + 2);
+        tokio::spawn(async move {
+            // The endpoint and the control stream live as long as the session.
+            let _keep = (endpoint, control_tx, control_rx);
+            loop {
+                tokio::select! {
+                    message = rx.recv() => {
+                        let Some(message) = message else { break };
+                        let (conn, answers) = (conn.clone(), answers_tx.clone());
+                        tokio::spawn(async move {
+                            let answer = async {
+                                let (mut send, mut recv) =
+                                    conn.open_bi().await.map_err(|e| quic_status(&e))?;
+                                write_msg(&mut send, &message)
+                                    .await
+                                    .map_err(tonic::Status::unavailable)?;
+                                let _ = send.finish();
+                                read_msg::<CloudMessage>(&mut recv)
+                                    .await
+                                    .map_err(tonic::Status::unavailable)?
+                                    .ok_or_else(|| {
+                                        tonic::Status::unavailable("stream ended without an answer")
+                                    })
+                            };
+                            let _ = answers.send(answer.await).await;
+                        });
+                    }
+                    e = conn.closed() => {
+                        let _ = answers_tx.send(Err(quic_status(&e))).await;
+                        break;
+                    }
+                }
+            }
+            conn.close(0u32.into(), b"edge done");
+        });
+        for msg in self.window.resend() {
+            tx.send(msg)
+                .await
+                .map_err(|_| OpenError::Retry("request stream closed".into()))?;
+        }
+        Ok((tx, Box::pin(ReceiverStream::new(answers_rx))))
+    }
+
+    /// gRPC: one bidirectional `Inference.Stream`.
+    async fn open_grpc(&mut self) -> Result<(mpsc::Sender<EdgeMessage>, Inbound), OpenError> {
         let channel = self
             .endpoint
             .connect()
@@ -377,7 +516,7 @@ impl StreamDriver {
                         .await
                         .map_err(|_| OpenError::Retry("request stream closed".into()))?;
                 }
-                Ok((tx, inbound))
+                Ok((tx, Box::pin(inbound)))
             }
             Some(Ok(other)) => Err(OpenError::Retry(format!(
                 "expected ready after hello, got {:?}",
@@ -415,11 +554,7 @@ impl StreamDriver {
         }
     }
 
-    async fn session(
-        &mut self,
-        tx: mpsc::Sender<EdgeMessage>,
-        mut inbound: tonic::codec::Streaming<CloudMessage>,
-    ) -> SessionEnd {
+    async fn session(&mut self, tx: mpsc::Sender<EdgeMessage>, mut inbound: Inbound) -> SessionEnd {
         // Last time the stream made progress (an answer came, or the window was empty).
         let mut progress = tokio::time::Instant::now();
         loop {

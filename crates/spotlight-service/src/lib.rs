@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod certs;
 pub mod error;
+pub mod quic;
 mod secret;
 pub mod shutdown;
 pub mod tls;

@@ -29,6 +29,8 @@ pub enum Alpn {
     H2,
     /// The HTTP/JSON APIs.
     Http1,
+    /// The edge protocol over QUIC (TLS 1.3 only).
+    Quic,
 }
 
 /// Where the PEM material comes from.
@@ -49,6 +51,7 @@ enum Source {
 struct Loaded {
     h2: Arc<rustls::ServerConfig>,
     http1: Arc<rustls::ServerConfig>,
+    quic: Arc<rustls::ServerConfig>,
     stamps: Vec<Option<SystemTime>>,
 }
 
@@ -180,11 +183,13 @@ impl ServerTls {
         Ok(true)
     }
 
-    fn config(&self, alpn: Alpn) -> Arc<rustls::ServerConfig> {
+    /// The rustls configuration in force for `alpn`.
+    pub fn config(&self, alpn: Alpn) -> Arc<rustls::ServerConfig> {
         let loaded = self.read();
         match alpn {
             Alpn::H2 => loaded.h2.clone(),
             Alpn::Http1 => loaded.http1.clone(),
+            Alpn::Quic => loaded.quic.clone(),
         }
     }
 
@@ -223,12 +228,16 @@ fn build(source: &Source) -> Result<Loaded, String> {
         } => (cert.clone(), key.clone(), client_ca.clone(), Vec::new()),
     };
     let chain = certs(&cert_pem, "certificate")?;
-    let make = |alpn: &[&[u8]]| -> Result<Arc<rustls::ServerConfig>, String> {
+    let make = |alpn: &[&[u8]], tls13_only: bool| -> Result<Arc<rustls::ServerConfig>, String> {
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| format!("private key: not a PEM private key: {e}"))?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider());
+        let builder = if tls13_only {
+            builder.with_protocol_versions(&[&rustls::version::TLS13])
+        } else {
+            builder.with_safe_default_protocol_versions()
+        }
+        .map_err(|e| e.to_string())?;
         let builder = match &ca_pem {
             Some(ca) => {
                 let verifier = WebPkiClientVerifier::builder_with_provider(
@@ -248,8 +257,9 @@ fn build(source: &Source) -> Result<Loaded, String> {
         Ok(Arc::new(config))
     };
     Ok(Loaded {
-        h2: make(&[b"h2"])?,
-        http1: make(&[b"http/1.1"])?,
+        h2: make(&[b"h2"], false)?,
+        http1: make(&[b"http/1.1"], false)?,
+        quic: make(&[crate::quic::ALPN], true)?,
         stamps,
     })
 }
@@ -272,6 +282,32 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
+    /// A rustls client configuration (QUIC) that trusts the CA and, for mutual TLS,
+    /// presents the identity.
+    pub fn rustls(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, String> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots(&self.ca_pem, "CA")?);
+        let mut config = match &self.identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    certs(cert, "client certificate")?,
+                    PrivateKeyDer::from_pem_slice(key)
+                        .map_err(|e| format!("client key: not a PEM private key: {e}"))?,
+                )
+                .map_err(|e| format!("client certificate: {e}"))?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
+    }
+
+    /// The name to verify the server under, if not the address's host.
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
+    }
+
     /// Trusts the CA in `ca_pem`; presents `identity` (certificate, key PEM) when set;
     /// verifies the server under `server_name` instead of the URL's host when set.
     pub fn new(

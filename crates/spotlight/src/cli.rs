@@ -141,6 +141,9 @@ pub struct UpArgs {
     /// Replicas per branch.
     #[arg(long)]
     pub replicas: Option<usize>,
+    /// Edge transport: grpc or quic.
+    #[arg(long)]
+    pub transport: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +151,9 @@ pub struct EdgeArgs {
     /// Coordinator gRPC endpoint, e.g. http://10.0.0.5:7000.
     #[arg(long)]
     pub coordinator: Option<String>,
+    /// Transport to the coordinator: grpc, or quic (UDP to the same address).
+    #[arg(long)]
+    pub transport: Option<String>,
     /// Fashion-MNIST style images file (idx3, .gz or plain).
     #[arg(long, conflicts_with = "folder")]
     pub idx_images: Option<PathBuf>,

@@ -355,6 +355,32 @@ fn roles_run_over_tls_with_tokens_from_spotlight_certs() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The same edge over QUIC: one flag, same address (UDP), same CA and token.
+    let out = spotlight(&[
+        "edge",
+        "--transport",
+        "quic",
+        "--coordinator",
+        &grpc,
+        "--ca",
+        &f("ca.pem"),
+        "--token-file",
+        &f("edge.token"),
+        "--idx-images",
+        "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+        "--limit",
+        "100",
+        "--output",
+        "-",
+    ])
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("frames 100  predictions 100  errors 0"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // An edge with a reader token is refused at once, with the reason.
     let out = spotlight(&[
         "edge",

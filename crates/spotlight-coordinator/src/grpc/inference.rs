@@ -14,10 +14,75 @@ use crate::Shared;
 use crate::error::ErrorCode;
 
 /// Most frames in one `FrameBatch` (and answers in one `AnswerBatch`).
-const MAX_FRAMES_PER_MESSAGE: usize = 4096;
+pub(crate) const MAX_FRAMES_PER_MESSAGE: usize = 4096;
 
 /// How long a new stream may take to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refuses a hello for another model (FAILED_PRECONDITION); the same over every transport.
+pub(crate) fn check_hello(shared: &crate::Shared, hello: &pb::Hello) -> Result<(), Status> {
+    let model = &shared.model;
+    if hello.model_hash != model.hash() {
+        return Err(Status::failed_precondition(format!(
+            "edge \"{}\" runs model {}, but this coordinator serves {} ({})",
+            hello.edge_id,
+            hello.model_hash,
+            model.hash(),
+            model.name()
+        )));
+    }
+    Ok(())
+}
+
+/// The first answer on a stream.
+pub(crate) fn ready(shared: &crate::Shared) -> pb::Ready {
+    pb::Ready {
+        task_version: shared.task.current().version,
+        model_name: shared.model.name().to_string(),
+    }
+}
+
+/// The answer to one frame.
+pub(crate) fn answer(seq: u64, result: Result<pb::Prediction, crate::ApiError>) -> Out {
+    match result {
+        Ok(p) => Out::Prediction(p),
+        Err(e) => {
+            tracing::debug!(seq, code = e.code.as_str(), error = %e.message, "frame failed");
+            Out::Error(pb::FrameError {
+                seq,
+                code: e.code.grpc() as i32,
+                message: e.message,
+            })
+        }
+    }
+}
+
+/// The error for every frame of a batch over [`MAX_FRAMES_PER_MESSAGE`].
+pub(crate) fn oversize_batch(frames: &[pb::Frame]) -> Vec<Out> {
+    let message = format!(
+        "a frame batch holds at most {MAX_FRAMES_PER_MESSAGE} frames, got {}; none of them was run",
+        frames.len()
+    );
+    frames
+        .iter()
+        .map(|f| {
+            Out::Error(pb::FrameError {
+                seq: f.seq,
+                code: ErrorCode::InvalidArgument.grpc() as i32,
+                message: message.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The error for a message that is neither a frame nor a frame batch after the hello.
+pub(crate) fn not_a_frame() -> Out {
+    Out::Error(pb::FrameError {
+        seq: 0,
+        code: ErrorCode::InvalidArgument.grpc() as i32,
+        message: "expected a frame; hello may only be sent once".into(),
+    })
+}
 
 pub struct InferenceService {
     pub(crate) shared: Arc<Shared>,
@@ -51,22 +116,10 @@ impl pb::inference_server::Inference for InferenceService {
                 ));
             }
         };
-        let model = &self.shared.model;
-        if hello.model_hash != model.hash() {
-            return Err(Status::failed_precondition(format!(
-                "edge \"{}\" runs model {}, but this coordinator serves {} ({})",
-                hello.edge_id,
-                hello.model_hash,
-                model.hash(),
-                model.name()
-            )));
-        }
+        check_hello(&self.shared, &hello)?;
         let limit = self.shared.config.max_in_flight_per_stream;
         let (tx, rx) = mpsc::channel(limit + 1);
-        let ready = pb::Ready {
-            task_version: self.shared.task.current().version,
-            model_name: model.name().to_string(),
-        };
+        let ready = ready(&self.shared);
         let _ = tx
             .send(Ok(pb::CloudMessage {
                 kind: Some(Out::Ready(ready)),
@@ -149,29 +202,15 @@ impl pb::inference_server::Inference for InferenceService {
                         Some(In::Frames(b)) if b.frames.len() <= MAX_FRAMES_PER_MESSAGE => b.frames,
                         Some(In::Frames(b)) => {
                             // Every frame gets its own answer, as the contract says.
-                            let message = format!(
-                                "a frame batch holds at most {MAX_FRAMES_PER_MESSAGE} frames, got {}; none of them was run",
-                                b.frames.len()
-                            );
-                            for f in b.frames {
-                                let error = pb::FrameError {
-                                    seq: f.seq,
-                                    code: ErrorCode::InvalidArgument.grpc() as i32,
-                                    message: message.clone(),
-                                };
-                                if answers.send(Out::Error(error)).await.is_err() {
+                            for error in oversize_batch(&b.frames) {
+                                if answers.send(error).await.is_err() {
                                     break;
                                 }
                             }
                             continue;
                         }
                         _ => {
-                            let error = pb::FrameError {
-                                seq: 0,
-                                code: ErrorCode::InvalidArgument.grpc() as i32,
-                                message: "expected a frame; hello may only be sent once".into(),
-                            };
-                            if answers.send(Out::Error(error)).await.is_err() {
+                            if answers.send(not_a_frame()).await.is_err() {
                                 break;
                             }
                             continue;
@@ -198,14 +237,7 @@ impl pb::inference_server::Inference for InferenceService {
                             let seqs: Vec<u64> = chunk.iter().map(|c| c.0).collect();
                             let results = router.route_batch(chunk, task).await;
                             for (seq, result) in seqs.into_iter().zip(results) {
-                                let kind = match result {
-                                    Ok(p) => Out::Prediction(p),
-                                    Err(e) => {
-                                        tracing::debug!(seq, code = e.code.as_str(), error = %e.message, "frame failed");
-                                        Out::Error(pb::FrameError { seq, code: e.code.grpc() as i32, message: e.message })
-                                    }
-                                };
-                                if answers.send(kind).await.is_err() {
+                                if answers.send(answer(seq, result)).await.is_err() {
                                     break;
                                 }
                             }

@@ -18,6 +18,7 @@ fn push(out: &mut Vec<(String, String)>, key: &str, value: Option<impl ToString>
 pub fn edge_overrides(a: &EdgeArgs) -> Vec<(String, String)> {
     let mut o = Vec::new();
     push(&mut o, "edge.coordinator", a.coordinator.as_ref());
+    push(&mut o, "edge.transport", a.transport.as_ref());
     push(
         &mut o,
         "edge.source.idx.images",

@@ -33,6 +33,7 @@ pub fn overrides(a: &UpArgs) -> Vec<(String, String)> {
     push("coordinator.http_listen", a.http_listen.clone());
     push("edge.codec", a.codec.clone());
     push("up.replicas", a.replicas.map(|r| r.to_string()));
+    push("edge.transport", a.transport.clone());
     if a.serve {
         push("up.serve", Some("true".into()));
     }

@@ -1,0 +1,223 @@
+//! The edge protocol over QUIC (`spotlight_service::quic` describes it): hello and ready on
+//! a control stream, then each edge message on a stream of its own with its answers, so a
+//! lost packet delays only the frames of one message. Same checks, routing and answers as
+//! the gRPC stream.
+
+use std::sync::Arc;
+
+use spotlight_proto::v1 as pb;
+use spotlight_proto::v1::cloud_message::Kind as Out;
+use spotlight_proto::v1::edge_message::Kind as In;
+use spotlight_service::Access;
+use spotlight_service::quic::{read_msg, write_msg};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::Shared;
+use crate::grpc::inference::{
+    HELLO_TIMEOUT, MAX_FRAMES_PER_MESSAGE, answer, check_hello, not_a_frame, oversize_batch, ready,
+};
+
+/// Serves QUIC on `socket` until shutdown begins; then answers what the connections took.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    socket: std::net::UdpSocket,
+) -> Result<(), crate::CoordinatorError> {
+    let config = shared
+        .config
+        .security
+        .quic_server_config()
+        .map_err(|e| crate::CoordinatorError::Config(e.to_string()))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(crate::CoordinatorError::Http)?;
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    let shared = shared.clone();
+                    connections.spawn(async move {
+                        if let Err(e) = connection(shared, incoming).await {
+                            tracing::debug!(error = %e, "QUIC connection ended");
+                        }
+                    });
+                }
+                None => break,
+            },
+            _ = shared.stopping() => break,
+        }
+    }
+    // No new connections; the open ones answer the frames they took.
+    endpoint.set_server_config(None);
+    while connections.join_next().await.is_some() {}
+    endpoint.close(0u32.into(), b"coordinator stopped");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+/// Closes `conn` with a gRPC status: its code as the application error code.
+fn refuse(conn: &quinn::Connection, status: &tonic::Status) {
+    conn.close(
+        quinn::VarInt::from_u32(status.code() as u32),
+        status.message().as_bytes(),
+    );
+}
+
+async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<(), String> {
+    let conn = incoming.await.map_err(|e| e.to_string())?;
+    let peer = conn.remote_address();
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => {
+            let status = tonic::Status::deadline_exceeded("no hello within 10 s of connecting");
+            refuse(&conn, &status);
+            return Err(status.message().to_string());
+        }
+    };
+    let hello =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_msg::<pb::EdgeMessage>(&mut recv)).await {
+            Ok(Ok(Some(pb::EdgeMessage {
+                kind: Some(In::Hello(h)),
+            }))) => h,
+            Ok(Err(e)) => {
+                refuse(&conn, &tonic::Status::invalid_argument(e.clone()));
+                return Err(e);
+            }
+            _ => {
+                let status = tonic::Status::invalid_argument(
+                    "the first message on the control stream must be hello",
+                );
+                refuse(&conn, &status);
+                return Err(status.message().to_string());
+            }
+        };
+    let authorization = (!hello.authorization.is_empty()).then_some(hello.authorization.as_str());
+    let checked = shared
+        .config
+        .security
+        .authorize(authorization, Access::Infer)
+        .map_err(tonic::Status::from)
+        .and_then(|_| check_hello(&shared, &hello));
+    if let Err(status) = checked {
+        refuse(&conn, &status);
+        return Err(status.message().to_string());
+    }
+    let ready = pb::CloudMessage {
+        kind: Some(Out::Ready(ready(&shared))),
+    };
+    write_msg(&mut send, &ready).await?;
+    tracing::info!(edge_id = hello.edge_id, %peer, "QUIC stream opened");
+
+    let permits = Arc::new(Semaphore::new(shared.config.max_in_flight_per_stream));
+    let mut messages = JoinSet::new();
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    messages.spawn(message(shared.clone(), permits.clone(), send, recv));
+                }
+                Err(e) => {
+                    tracing::debug!(edge_id = hello.edge_id, error = %e, "QUIC connection closed");
+                    break;
+                }
+            },
+            _ = shared.stopping() => break,
+        }
+    }
+    // Frames taken are answered before the connection goes.
+    while messages.join_next().await.is_some() {}
+    if shared.shutdown.is_begun() {
+        conn.close(
+            quinn::VarInt::from_u32(tonic::Code::Unavailable as u32),
+            b"coordinator shutting down",
+        );
+    }
+    Ok(())
+}
+
+/// One edge message on its own stream: route its frames, answer on the same stream.
+async fn message(
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let frames = match read_msg::<pb::EdgeMessage>(&mut recv).await {
+        Ok(Some(pb::EdgeMessage {
+            kind: Some(In::Frame(f)),
+        })) => vec![f],
+        Ok(Some(pb::EdgeMessage {
+            kind: Some(In::Frames(b)),
+        })) if b.frames.len() <= MAX_FRAMES_PER_MESSAGE => b.frames,
+        Ok(Some(pb::EdgeMessage {
+            kind: Some(In::Frames(b)),
+        })) => {
+            reply(&mut send, oversize_batch(&b.frames)).await;
+            return;
+        }
+        Ok(None) => return,
+        Ok(Some(_)) => {
+            reply(&mut send, vec![not_a_frame()]).await;
+            return;
+        }
+        Err(e) => {
+            let error = Out::Error(pb::FrameError {
+                seq: 0,
+                code: tonic::Code::InvalidArgument as i32,
+                message: format!("unreadable message: {e}"),
+            });
+            reply(&mut send, vec![error]).await;
+            return;
+        }
+    };
+    let limit = shared.config.max_in_flight_per_stream;
+    let mut answers = Vec::with_capacity(frames.len());
+    for chunk in frames.chunks(limit) {
+        // Backpressure as on gRPC: per connection, then over all streams.
+        let n = chunk.len() as u32;
+        let (Ok(_mine), Ok(_all)) = (
+            permits.clone().acquire_many_owned(n).await,
+            shared.in_flight.clone().acquire_many_owned(n).await,
+        ) else {
+            return;
+        };
+        let task = shared.task.current();
+        let batch = chunk.iter().map(|f| (f.seq, f.features.clone())).collect();
+        let results = shared.router.route_batch(batch, task).await;
+        answers.extend(
+            chunk
+                .iter()
+                .zip(results)
+                .map(|(f, result)| answer(f.seq, result)),
+        );
+    }
+    reply(&mut send, answers).await;
+}
+
+/// Writes the answers (one message, batched when there are several) and ends the stream.
+async fn reply(send: &mut quinn::SendStream, mut answers: Vec<Out>) {
+    let kind = if answers.len() == 1 {
+        answers.remove(0)
+    } else {
+        let mut batch = pb::AnswerBatch::default();
+        for a in answers {
+            match a {
+                Out::Prediction(p) => batch.predictions.push(p),
+                Out::Error(e) => batch.errors.push(e),
+                _ => {}
+            }
+        }
+        Out::Answers(batch)
+    };
+    let message = pb::CloudMessage { kind: Some(kind) };
+    if let Err(e) = write_msg(send, &message).await {
+        tracing::debug!(error = %e, "QUIC answer not delivered");
+    }
+    let _ = send.finish();
+}
