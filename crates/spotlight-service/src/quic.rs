@@ -62,6 +62,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
     // Room for every frame of a full window on its own stream.
     t.max_concurrent_bidi_streams(4096u32.into());
     t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    // Random loss on a radio link is not congestion: BBR (as the kernel's TCP here) keeps
+    // its rate where loss-based controllers halve it.
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     Arc::new(t)
 }
 
