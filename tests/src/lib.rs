@@ -104,6 +104,7 @@ pub fn frame(model: &Model, seq: u64, features: &[f32], codec: Codec) -> pb::Edg
                 data: e.data.into(),
                 scale: e.scale,
                 zero_point: e.zero_point,
+                ..Default::default()
             }),
         })),
     }
@@ -140,6 +141,7 @@ pub fn hello(hash: &str) -> pb::EdgeMessage {
             model_hash: hash.to_string(),
             edge_id: "test".into(),
             batch_answers: false,
+            ..Default::default()
         })),
     }
 }

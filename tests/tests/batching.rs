@@ -339,6 +339,7 @@ async fn frame_batches_and_answer_batches_answer_every_frame_once() {
             model_hash: model.hash().into(),
             edge_id: "batching".into(),
             batch_answers: true,
+            ..Default::default()
         })),
     })
     .await

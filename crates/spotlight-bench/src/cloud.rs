@@ -450,6 +450,7 @@ async fn one_stream(
             model_hash: hash,
             edge_id: format!("bench-{offset}"),
             batch_answers: true,
+            ..Default::default()
         })),
     })
     .await?;

@@ -41,6 +41,7 @@ fn tensor(model: &Model, codec: Codec) -> pb::FeatureTensor {
         data: e.data.into(),
         scale: e.scale,
         zero_point: e.zero_point,
+        ..Default::default()
     }
 }
 
@@ -176,6 +177,7 @@ async fn every_frame_is_routed_to_every_branch_and_answered() {
             model_hash: model.hash().into(),
             edge_id: "stub-test".into(),
             batch_answers: false,
+            ..Default::default()
         })),
     })
     .await

@@ -275,6 +275,7 @@ impl Load {
                 model_hash: model.hash().to_string(),
                 edge_id: "faults".into(),
                 batch_answers: false,
+                ..Default::default()
             })),
         })
         .await
