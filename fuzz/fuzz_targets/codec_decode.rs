@@ -1,12 +1,17 @@
 //! `spotlight_codec::check_len` / `decode` on any codec number, value count, scale, zero point
 //! and payload: an error or a tensor of exactly the asked length, never a panic; and the
-//! round trips each codec promises.
+//! round trips each codec promises. Then what workers run on every frame,
+//! `check_payload` / `decode_payload`, on any compression number, per-channel parameters
+//! and (compressed) payload: an error, or finite values of the asked length within range.
 
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use spotlight_codec::{Codec, CodecError, check_len, decode, encode};
+use spotlight_codec::{
+    Codec, CodecError, Compression, Payload, check_len, check_payload, compress, decode,
+    decode_payload, encode, encode_channels,
+};
 
 #[derive(Debug, Arbitrary)]
 struct Input {
@@ -19,6 +24,12 @@ struct Input {
     scale: f32,
     zero_point: f32,
     data: Vec<u8>,
+    /// `spotlight.v1.Compression` number as it comes off the wire.
+    compression: i32,
+    /// Per-channel parameters as they come off the wire.
+    channel_params: Vec<u8>,
+    /// Channel count the edge would encode with.
+    channels: u8,
 }
 
 fuzz_target!(|input: Input| {
@@ -29,6 +40,9 @@ fuzz_target!(|input: Input| {
         scale,
         zero_point,
         data,
+        compression,
+        channel_params,
+        channels,
     } = input;
     let codec = match Codec::from_wire(codec) {
         Ok(c) => {
@@ -40,6 +54,20 @@ fuzz_target!(|input: Input| {
             return;
         }
     };
+    payload_path(
+        codec,
+        compression,
+        &data,
+        scale,
+        zero_point,
+        &channel_params,
+        values,
+        values_from_len,
+        channels,
+    );
+    if codec.per_channel() {
+        return;
+    }
     let width = codec.encoded_len(1);
     let values = if values_from_len {
         data.len() / width
@@ -59,9 +87,12 @@ fuzz_target!(|input: Input| {
             );
             assert_eq!(data.len(), values * width);
         }
-        Err(e @ CodecError::Length { .. }) => assert_eq!(Some(e), checked.as_ref().err()),
+        // check_len is the coordinator's bound (at most the uncompressed size): a short
+        // payload passes it, and decode (exact) refuses it.
+        Err(CodecError::Length { got, expected, .. }) => {
+            assert_eq!(checked.is_err(), got > expected)
+        }
         Err(CodecError::BadScale(s)) => {
-            assert!(checked.is_ok());
             assert_eq!(codec, Codec::Int8);
             assert!(!(s.is_finite() && *s > 0.0), "refused a usable scale {s}");
             return;
@@ -98,7 +129,7 @@ fuzz_target!(|input: Input| {
             }
         }
         // Affine with a positive scale: larger bytes never decode to smaller values.
-        Codec::Int8 => {
+        Codec::Int8 | Codec::Int8PerChannel | Codec::Int4PerChannel => {
             if !zero_point.is_nan() {
                 for (v, &b) in out.iter().zip(&data) {
                     let lo = scale * (0.0 - zero_point);
@@ -128,7 +159,7 @@ fuzz_target!(|input: Input| {
             Ok(floats.iter().map(|v| v.to_bits()).collect())
         ),
         Codec::F16 => assert_eq!(back.map(|b| b.len()), Ok(floats.len())),
-        Codec::Int8 => {
+        Codec::Int8 | Codec::Int8PerChannel | Codec::Int4PerChannel => {
             // What the worker accepts: finite values within ±MAX_ABS_VALUE.
             let finite = floats
                 .iter()
@@ -156,3 +187,82 @@ fuzz_target!(|input: Input| {
         }
     }
 });
+
+/// The worker's path: any payload is an error or finite values within range; and what the
+/// edge encodes (any codec, channel count and lossless stage) decodes within the codec's
+/// bound.
+#[allow(clippy::too_many_arguments)]
+fn payload_path(
+    codec: Codec,
+    compression: i32,
+    data: &[u8],
+    scale: f32,
+    zero_point: f32,
+    channel_params: &[u8],
+    values: usize,
+    values_from_len: bool,
+    channels: u8,
+) {
+    let compression = match Compression::from_wire(compression) {
+        Ok(c) => c,
+        Err(e) => {
+            assert_eq!(e, CodecError::UnknownCompression(compression));
+            return;
+        }
+    };
+    let values = if values_from_len {
+        data.len() * 2
+    } else {
+        values
+    };
+    let p = Payload {
+        codec,
+        compression,
+        data,
+        scale,
+        zero_point,
+        channel_params,
+    };
+    let checked = check_payload(&p, values);
+    match decode_payload(&p, values) {
+        Ok(out) => {
+            assert!(checked.is_ok(), "decode_payload accepted what check_payload refused");
+            assert_eq!(out.len(), values);
+            // Range checks allow float16 rounding and a step beyond ±MAX_ABS_VALUE.
+            let limit = spotlight_codec::MAX_ABS_VALUE * 1.001 + 1400.0;
+            assert!(
+                out.iter().all(|v| v.is_finite() && v.abs() <= limit),
+                "decoded a value beyond the range"
+            );
+        }
+        Err(e) => assert_eq!(checked, Err(e)),
+    }
+
+    // Edge → worker: the floats in `data`, encoded with `channels` channels and compressed.
+    let floats: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .filter(|v| v.is_finite() && v.abs() <= spotlight_codec::MAX_ABS_VALUE)
+        .collect();
+    let plain = encode_channels(codec, &floats, usize::from(channels));
+    let e = compress(plain.clone(), compression);
+    assert!(e.data.len() <= plain.data.len(), "compression grew a frame");
+    let back = match decode_payload(&e.payload(), floats.len()) {
+        Ok(b) => b,
+        // Int8 per tensor refuses ranges wider than ±MAX_ABS_VALUE allows; the others
+        // decode every finite tensor within range.
+        Err(err) => {
+            assert_eq!(codec, Codec::Int8, "{codec:?} of {floats:?} does not decode: {err}");
+            return;
+        }
+    };
+    if codec.per_channel() {
+        let per = floats.len() / (e.channel_params.len() / 4).max(1);
+        for (i, (a, b)) in floats.iter().zip(&back).enumerate() {
+            let p = &e.channel_params[(i / per.max(1)) * 4..];
+            let step = half::f16::from_le_bytes([p[2], p[3]]).to_f32();
+            let tol = step * 0.5 + a.abs().max(1.0) * 4.0 * f32::EPSILON;
+            assert!((a - b).abs() <= tol, "{codec:?}: {a} decoded to {b} (step {step})");
+        }
+    }
+}

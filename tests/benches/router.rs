@@ -73,6 +73,7 @@ impl Rig {
             data: zeros.data.into(),
             scale: zeros.scale,
             zero_point: zeros.zero_point,
+            ..Default::default()
         };
         let task = sandbox
             .control()

@@ -104,6 +104,7 @@ pub fn frame(model: &Model, seq: u64, features: &[f32], codec: Codec) -> pb::Edg
                 data: e.data.into(),
                 scale: e.scale,
                 zero_point: e.zero_point,
+                ..Default::default()
             }),
         })),
     }

@@ -305,7 +305,7 @@ async fn every_malformed_input_gets_a_clear_error_and_disturbs_nothing() {
         "codec unspecified",
         f,
         bad,
-        "unknown codec 0; expected 1 (f32), 2 (f16) or 3 (int8)",
+        "unknown codec 0; expected 1 (f32), 2 (f16), 3 (int8), 4 (int8_per_channel) or 5 (int4_per_channel)",
     )
     .await;
     let f = c.mutated(|t| t.codec = 9);

@@ -11,6 +11,7 @@
 
 pub mod cloud;
 pub mod cpu;
+pub mod eval;
 pub mod inproc;
 pub mod peer;
 pub mod report;
@@ -223,11 +224,7 @@ pub fn task_sets(model: &Model) -> Vec<(String, Vec<String>)> {
 
 /// Codec by name for reports.
 pub fn codec_name(c: Codec) -> &'static str {
-    match c {
-        Codec::F32 => "f32",
-        Codec::F16 => "f16",
-        Codec::Int8 => "int8",
-    }
+    c.name()
 }
 
 pub use report::write_all;

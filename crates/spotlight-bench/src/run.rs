@@ -321,6 +321,7 @@ pub(crate) fn tensors(
                 data: e.data.into(),
                 scale: e.scale,
                 zero_point: e.zero_point,
+                ..Default::default()
             });
         }
     }

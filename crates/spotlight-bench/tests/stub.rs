@@ -41,6 +41,7 @@ fn tensor(model: &Model, codec: Codec) -> pb::FeatureTensor {
         data: e.data.into(),
         scale: e.scale,
         zero_point: e.zero_point,
+        ..Default::default()
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use spotlight_codec::Codec;
+use spotlight_codec::{Codec, Compression};
 use spotlight_model::Model;
 use spotlight_proto::v1::FeatureTensor;
 use spotlight_runtime::BackboneSession;
@@ -14,15 +14,35 @@ use crate::EdgeError;
 use crate::image_input::decode_image;
 use crate::record::{FrameFailure, Input, Item, ItemMeta, Sink, code};
 
-/// Encodes backbone outputs as wire tensors of shape `[1, …]`.
+/// Encodes backbone outputs as wire tensors of shape `[1, …]`, uncompressed.
 pub fn feature_tensor(codec: Codec, model: &Model, values: &[f32]) -> FeatureTensor {
-    let e = spotlight_codec::encode(codec, values);
+    encode_features(codec, Compression::None, model, values)
+}
+
+/// Encodes backbone outputs as wire tensors of shape `[1, C, …]`: per-channel codecs
+/// quantise each of the C channels on its own range; `compression` is applied where it
+/// makes the frame smaller (the frame says which). What the edge sends, and what
+/// `spotlight eval` measures.
+pub fn encode_features(
+    codec: Codec,
+    compression: Compression,
+    model: &Model,
+    values: &[f32],
+) -> FeatureTensor {
+    let shape = model.feature_shape(1);
+    let channels = shape.get(1).map_or(1, |&c| usize::try_from(c).unwrap_or(1));
+    let e = spotlight_codec::compress(
+        spotlight_codec::encode_channels(codec, values, channels),
+        compression,
+    );
     FeatureTensor {
         codec: e.codec.wire(),
-        shape: model.feature_shape(1),
+        shape,
         data: e.data.into(),
         scale: e.scale,
         zero_point: e.zero_point,
+        channel_params: e.channel_params,
+        compression: e.compression.wire(),
     }
 }
 
@@ -32,6 +52,7 @@ pub struct Backbone {
     session: BackboneSession,
     model: Arc<Model>,
     codec: Codec,
+    compression: Compression,
     input: Vec<f32>,
     one: Vec<f32>,
 }
@@ -45,9 +66,16 @@ impl Backbone {
             session,
             model,
             codec,
+            compression: Compression::None,
             input: Vec::new(),
             one: Vec::new(),
         })
+    }
+
+    /// Applies `compression` to every frame where it makes the frame smaller.
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
     }
 
     /// The model.
@@ -100,7 +128,7 @@ impl Backbone {
         Ok(self
             .features(images)?
             .iter()
-            .map(|f| feature_tensor(self.codec, &self.model, f))
+            .map(|f| encode_features(self.codec, self.compression, &self.model, f))
             .collect())
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use spotlight_codec::Codec;
+use spotlight_codec::{Codec, Compression};
 
 use crate::EdgeError;
 
@@ -20,8 +20,11 @@ pub struct EdgeConfig {
     pub transport: Transport,
     /// Free-form identifier of this device, sent in the hello.
     pub edge_id: String,
-    /// Codec of the feature tensors on the wire.
+    /// Codec of the feature tensors on the wire (announced in the hello).
     pub codec: Codec,
+    /// Lossless stage over each frame's bytes, where it makes the frame smaller (announced
+    /// in the hello).
+    pub compression: Compression,
     /// Where images come from.
     pub source: SourceConfig,
     /// Stop after this many inputs of the dataset source.
@@ -54,6 +57,7 @@ impl Default for EdgeConfig {
             transport: Transport::Grpc,
             edge_id: "edge".into(),
             codec: Codec::Int8,
+            compression: Compression::None,
             source: SourceConfig::None,
             limit: None,
             max_in_flight: 64,
@@ -207,6 +211,17 @@ mod tests {
             ..EdgeConfig::default()
         };
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn codec_and_compression_are_chosen_by_name() {
+        let cfg: EdgeConfig =
+            serde_json::from_str(r#"{"codec":"int4_per_channel","compression":"zstd"}"#).unwrap();
+        assert_eq!(cfg.codec, Codec::Int4PerChannel);
+        assert_eq!(cfg.compression, Compression::Zstd);
+        assert_eq!(EdgeConfig::default().compression, Compression::None);
+        let err = serde_json::from_str::<EdgeConfig>(r#"{"compression":"gzip"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown variant `gzip`"), "{err}");
     }
 
     #[test]

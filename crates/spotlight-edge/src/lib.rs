@@ -21,7 +21,7 @@ mod source;
 mod stream;
 mod summary;
 
-pub use backbone::{Backbone, feature_tensor};
+pub use backbone::{Backbone, encode_features, feature_tensor};
 pub use config::{EdgeConfig, ReconnectConfig, SourceConfig, Transport};
 pub use error::EdgeError;
 pub use image_input::{decode_image, fit_gray};
@@ -133,11 +133,13 @@ async fn run_validated(
     let (opened_tx, opened_rx) = oneshot::channel();
     let backbone_thread = {
         let (model, sink, codec) = (model.clone(), sink.clone(), config.codec);
+        let compression = config.compression;
         let (threads, batch) = (config.backbone_threads, config.batch_size);
         std::thread::Builder::new()
             .name("spotlight-backbone".into())
             .spawn(move || match Backbone::open(model, codec, threads) {
                 Ok(b) => {
+                    let b = b.with_compression(compression);
                     let _ = opened_tx.send(Ok(()));
                     backbone::serve(b, batch, items_rx, jobs_tx, sink);
                 }
@@ -150,7 +152,7 @@ async fn run_validated(
     opened_rx
         .await
         .map_err(|_| EdgeError::Internal("backbone thread exited while opening".into()))??;
-    tracing::info!(model = %model.name(), codec = ?config.codec, "backbone ready");
+    tracing::info!(model = %model.name(), codec = %config.codec, compression = config.compression.name(), "backbone ready");
 
     let start = Instant::now();
     let reporter = Reporter {
@@ -208,6 +210,8 @@ async fn run_validated(
         model_hash: model.hash().to_string(),
         edge_id: config.edge_id.clone(),
         batch_answers: true,
+        codec: config.codec.wire(),
+        compression: config.compression.wire(),
         ..Default::default()
     };
     let driver = StreamDriver::new(

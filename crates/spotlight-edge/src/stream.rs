@@ -673,6 +673,7 @@ mod tests {
                 data: vec![seq as u8; 392].into(),
                 scale: 0.1,
                 zero_point: 0.0,
+                ..Default::default()
             },
             started: Instant::now(),
         }

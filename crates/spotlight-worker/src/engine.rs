@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use spotlight_codec::Codec;
+use spotlight_codec::{Codec, CodecError, Compression};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 use spotlight_runtime::{OnnxRuntimeError, SegmentSession};
@@ -475,11 +475,9 @@ pub fn check_request(
         } else {
             // Values too: a NaN, an infinity or a huge value (or int8 parameters that decode
             // one) would overflow the branches into NaN logits.
-            Codec::from_wire(f.codec)
-                .and_then(|c| {
-                    spotlight_codec::check_len(c, f.data.len(), model.feature_len())?;
-                    spotlight_codec::check_values(c, &f.data, f.scale, f.zero_point)
-                })
+            // Compressed frames are inflated (into at most the expected size) and checked.
+            payload(&f)
+                .and_then(|p| spotlight_codec::check_payload(&p, model.feature_len()))
                 .map_err(|e| e.to_string())
         };
         match checked {
@@ -495,6 +493,18 @@ pub fn check_request(
         segments: wanted,
         frames,
         errors,
+    })
+}
+
+/// The codec's view of a wire tensor; unknown codec or compression numbers are errors.
+pub fn payload(f: &pb::FeatureTensor) -> Result<spotlight_codec::Payload<'_>, CodecError> {
+    Ok(spotlight_codec::Payload {
+        codec: Codec::from_wire(f.codec)?,
+        compression: Compression::from_wire(f.compression)?,
+        data: &f.data,
+        scale: f.scale,
+        zero_point: f.zero_point,
+        channel_params: &f.channel_params,
     })
 }
 
@@ -581,12 +591,9 @@ impl Batcher {
         for (j, job) in jobs.iter().enumerate() {
             let mut errs = job.errors.clone();
             for (i, f) in &job.frames {
-                let decoded = Codec::from_wire(f.codec)
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| {
-                        spotlight_codec::decode(c, &f.data, f.scale, f.zero_point, len)
-                            .map_err(|e| e.to_string())
-                    });
+                let decoded = payload(f)
+                    .and_then(|p| spotlight_codec::decode_payload(&p, len))
+                    .map_err(|e| e.to_string());
                 match decoded {
                     Ok(values) if values.iter().all(|v| v.is_finite()) => {
                         input.extend_from_slice(&values);

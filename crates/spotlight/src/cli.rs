@@ -67,6 +67,29 @@ pub enum Command {
     /// separate processes (CPU per frame), every role in one process, routing capacity.
     /// Writes results.json, SVG plots and a Markdown report.
     Bench(BenchArgs),
+    /// Accuracy against bytes on the wire for every feature codec, exactly as deployed,
+    /// beside sending the image (PNG, WebP, JPEG) to `full.onnx`. Writes a Markdown table
+    /// and an SVG plot.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Only the first N test images (default: all 10 000).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Markdown report; the SVG plot goes next to it with the same stem.
+    #[arg(long, default_value = "docs/codecs.md")]
+    pub out: PathBuf,
+    /// Fashion-MNIST directory (idx .gz files).
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub dataset: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Also print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

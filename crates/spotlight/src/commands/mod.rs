@@ -2,6 +2,7 @@
 
 mod bench;
 mod certs;
+mod eval;
 mod inspect;
 mod roles;
 mod task;
@@ -45,9 +46,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Edge(a) => roles::edge_overrides(a),
         Command::Coordinator(a) => roles::coordinator_overrides(a),
         Command::Worker(a) => roles::worker_overrides(a),
-        Command::Task(_) | Command::Inspect(_) | Command::Bench(_) | Command::Certs(_) => {
-            Vec::new()
-        }
+        Command::Task(_)
+        | Command::Inspect(_)
+        | Command::Bench(_)
+        | Command::Eval(_)
+        | Command::Certs(_) => Vec::new(),
     };
     overrides.extend(command_overrides);
     let sources = Sources {
@@ -61,6 +64,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         | Command::Task(_)
         | Command::Inspect(_)
         | Command::Bench(_)
+        | Command::Eval(_)
         | Command::Certs(_) => "warn",
         _ => "info",
     };
@@ -74,6 +78,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(a) => certs::run(a),
         Command::Inspect(a) => inspect::run(settings, a),
         Command::Bench(a) => bench::run(settings, a).await,
+        Command::Eval(a) => eval::run(settings, a),
     }
 }
 
