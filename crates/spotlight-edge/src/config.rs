@@ -18,6 +18,9 @@ pub struct EdgeConfig {
     /// How frames travel: `grpc` (HTTP/2 over TCP) or `quic` (UDP, to the same address; a
     /// lost packet delays only the frames it carries).
     pub transport: Transport,
+    /// QUIC: frames per QUIC stream. Each frame on its own stream (1) means a lost packet
+    /// delays one frame; more frames per stream cost less per frame.
+    pub quic_stream_frames: usize,
     /// Free-form identifier of this device, sent in the hello.
     pub edge_id: String,
     /// Codec of the feature tensors on the wire (announced in the hello).
@@ -55,6 +58,7 @@ impl Default for EdgeConfig {
         Self {
             coordinator: "http://127.0.0.1:7000".into(),
             transport: Transport::Grpc,
+            quic_stream_frames: 1,
             edge_id: "edge".into(),
             codec: Codec::Int8,
             compression: Compression::None,
@@ -144,6 +148,9 @@ impl EdgeConfig {
     /// Checks values that deserialisation cannot.
     pub fn validate(&self) -> Result<(), EdgeError> {
         let bad = |m: String| Err(EdgeError::Config(m));
+        if self.quic_stream_frames == 0 {
+            return bad("quic_stream_frames must be >= 1".into());
+        }
         if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
             return bad(format!(
                 "coordinator \"{}\" is not an http:// or https:// URL",

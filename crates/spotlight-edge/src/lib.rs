@@ -229,6 +229,7 @@ async fn run_validated(
     driver.answer_timeout = Duration::from_millis(config.answer_timeout_ms);
     driver.security = security;
     driver.transport = config.transport;
+    driver.quic_stream_frames = config.quic_stream_frames;
     let mut driver = tokio::spawn(driver.run().in_current_span());
     let shutdown = std::pin::pin!(shutdown);
     let result = tokio::select! {

@@ -27,6 +27,26 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 type Inbound =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<CloudMessage, tonic::Status>> + Send>>;
 
+/// Splits a frame batch into messages of at most `per_stream` frames, each for a QUIC stream
+/// of its own: a lost packet then holds up only the frames of its stream.
+fn split_for_quic(message: EdgeMessage, per_stream: usize) -> Vec<EdgeMessage> {
+    match message.kind {
+        Some(edge_message::Kind::Frames(batch)) if batch.frames.len() > per_stream => batch
+            .frames
+            .chunks(per_stream)
+            .map(|c| EdgeMessage {
+                kind: Some(match c {
+                    [one] => edge_message::Kind::Frame(one.clone()),
+                    many => edge_message::Kind::Frames(spotlight_proto::v1::FrameBatch {
+                        frames: many.to_vec(),
+                    }),
+                }),
+            })
+            .collect(),
+        kind => vec![EdgeMessage { kind }],
+    }
+}
+
 /// A QUIC connection's end as a gRPC status: the coordinator closes with the status code as
 /// its application error code and the message as the reason.
 fn quic_status(e: &quinn::ConnectionError) -> tonic::Status {
@@ -217,6 +237,8 @@ pub(crate) struct StreamDriver {
     pub security: spotlight_service::Security,
     /// gRPC or QUIC.
     pub transport: Transport,
+    /// QUIC: frames per stream (a lost packet holds up at most these).
+    pub quic_stream_frames: usize,
     input_open: bool,
     deadline: Option<tokio::time::Instant>,
 }
@@ -247,6 +269,7 @@ impl StreamDriver {
             answer_timeout: Duration::from_secs(30),
             security: spotlight_service::Security::insecure(),
             transport: Transport::Grpc,
+            quic_stream_frames: 1,
             input_open: true,
             deadline: None,
         }
@@ -438,6 +461,7 @@ impl StreamDriver {
         }
         let (tx, mut rx) = mpsc::channel::<EdgeMessage>(self.window.cap + 2);
         let (answers_tx, answers_rx) = mpsc::channel(self.window.cap + 2);
+        let per_stream = self.quic_stream_frames.max(1);
         tokio::spawn(async move {
             // The endpoint and the control stream live as long as the session.
             let _keep = (endpoint, control_tx, control_rx);
@@ -445,6 +469,7 @@ impl StreamDriver {
                 tokio::select! {
                     message = rx.recv() => {
                         let Some(message) = message else { break };
+                        for message in split_for_quic(message, per_stream) {
                         let (conn, answers) = (conn.clone(), answers_tx.clone());
                         tokio::spawn(async move {
                             let answer = async {
@@ -463,6 +488,7 @@ impl StreamDriver {
                             };
                             let _ = answers.send(answer.await).await;
                         });
+                        }
                     }
                     e = conn.closed() => {
                         let _ = answers_tx.send(Err(quic_status(&e))).await;
