@@ -448,24 +448,19 @@ async fn a_worker_without_worker_credentials_is_refused_at_once() {
     let pki = DevPki::generate(&[]).expect("pki");
     let sandbox = coordinator(pki.security(Role::Coordinator, false).expect("sec")).await;
     // A worker process holding an edge token instead of a worker token.
-    let mut wrong = pki.security(Role::Worker, false).expect("sec");
-    wrong = {
-        let edge_token = pki.token(Role::Edge).clone();
-        let leaf = pki.leaf("worker");
-        let _ = wrong;
-        Security::from_pem(PemSecurity {
-            server: Some((
-                leaf.cert_pem.as_bytes().to_vec(),
-                leaf.key_pem.expose().as_bytes().to_vec(),
-            )),
-            ca: pki.ca_pem.as_bytes().to_vec(),
-            mtls: false,
-            client_identity: None,
-            tokens: Some(pki.token_entries()),
-            token: Some(edge_token),
-        })
-        .expect("sec")
-    };
+    let leaf = pki.leaf("worker");
+    let wrong = Security::from_pem(PemSecurity {
+        server: Some((
+            leaf.cert_pem.as_bytes().to_vec(),
+            leaf.key_pem.expose().as_bytes().to_vec(),
+        )),
+        ca: pki.ca_pem.as_bytes().to_vec(),
+        mtls: false,
+        client_identity: None,
+        tokens: Some(pki.token_entries()),
+        token: Some(pki.token(Role::Edge).clone()),
+    })
+    .expect("sec");
     let (_, _stop, join) = worker(&sandbox, wrong).await;
     let result = tokio::time::timeout(Duration::from_secs(10), join)
         .await

@@ -338,15 +338,7 @@ pub async fn drive(
             one_stream(grpc, hash, tensors, plan).await
         }));
     }
-    let mut latencies = Vec::with_capacity(load.frames);
-    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
-    for t in tasks {
-        let (l, e) = t.await.context("stream task")??;
-        latencies.extend(l);
-        for (k, v) in e {
-            *errors.entry(k).or_default() += v;
-        }
-    }
+    let (latencies, errors) = gather(tasks).await?;
     let (cpu, wall) = meter.stop();
     let mut m = Measured::new(load.frames, wall, latencies);
     m.errors = errors;
@@ -394,6 +386,20 @@ pub async fn drive_for(
             one_stream(grpc, hash, tensors, plan).await
         }));
     }
+    let (latencies, errors) = gather(tasks).await?;
+    // Every frame answered (prediction or error) has a latency; duplicates do not.
+    let frames = latencies.len();
+    let mut m = Measured::new(frames, started.elapsed().as_secs_f64(), latencies);
+    m.errors = errors;
+    Ok(m)
+}
+
+type StreamOutcome = (Vec<f64>, HashMap<String, usize>);
+
+/// Every stream's latencies, and the errors of all of them by code.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<StreamOutcome>>>,
+) -> anyhow::Result<(Vec<f64>, BTreeMap<String, usize>)> {
     let mut latencies = Vec::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for t in tasks {
@@ -403,14 +409,8 @@ pub async fn drive_for(
             *errors.entry(k).or_default() += v;
         }
     }
-    // Every frame answered (prediction or error) has a latency; duplicates do not.
-    let frames = latencies.len();
-    let mut m = Measured::new(frames, started.elapsed().as_secs_f64(), latencies);
-    m.errors = errors;
-    Ok(m)
+    Ok((latencies, errors))
 }
-
-type StreamOutcome = (Vec<f64>, HashMap<String, usize>);
 
 /// One stream's share of a load.
 struct StreamPlan {

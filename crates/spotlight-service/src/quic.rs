@@ -75,11 +75,12 @@ impl Security {
         let tls = match &self.server {
             Some(server) => server.config(crate::Alpn::Quic),
             None => {
-                let pki = crate::certs::DevPki::generate(&[])?;
-                let leaf = pki.leaf("coordinator");
+                let throwaway =
+                    rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+                        .map_err(|e| SecurityError(format!("throwaway QUIC certificate: {e}")))?;
                 crate::ServerTls::from_pem(
-                    leaf.cert_pem.as_bytes(),
-                    leaf.key_pem.expose().as_bytes(),
+                    throwaway.cert.pem().as_bytes(),
+                    throwaway.signing_key.serialize_pem().as_bytes(),
                     None,
                 )?
                 .config(crate::Alpn::Quic)

@@ -332,71 +332,38 @@ fn roles_run_over_tls_with_tokens_from_spotlight_certs() {
     .unwrap();
     assert!(!plain.status.success());
 
-    let out = spotlight(&[
-        "edge",
-        "--coordinator",
-        &grpc,
-        "--ca",
-        &f("ca.pem"),
-        "--token-file",
-        &f("edge.token"),
-        "--idx-images",
-        "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
-        "--limit",
-        "100",
-        "--output",
-        "-",
-    ])
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("frames 100  predictions 100  errors 0"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The same edge over QUIC: one flag, same address (UDP), same CA and token.
-    let out = spotlight(&[
-        "edge",
-        "--transport",
-        "quic",
-        "--coordinator",
-        &grpc,
-        "--ca",
-        &f("ca.pem"),
-        "--token-file",
-        &f("edge.token"),
-        "--idx-images",
-        "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
-        "--limit",
-        "100",
-        "--output",
-        "-",
-    ])
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("frames 100  predictions 100  errors 0"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // An edge over TLS with `token`, `limit` test images, on `transport`.
+    let edge = |transport: &str, token: &str, limit: &str| {
+        spotlight(&[
+            "edge",
+            "--transport",
+            transport,
+            "--coordinator",
+            &grpc,
+            "--ca",
+            &f("ca.pem"),
+            "--token-file",
+            &f(token),
+            "--idx-images",
+            "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+            "--limit",
+            limit,
+        ])
+        .output()
+        .unwrap()
+    };
+    // gRPC, then the same edge over QUIC: one flag, same address (UDP), same CA and token.
+    for transport in ["grpc", "quic"] {
+        let out = edge(transport, "edge.token", "100");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("frames 100  predictions 100  errors 0"),
+            "{transport}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // An edge with a reader token is refused at once, with the reason.
-    let out = spotlight(&[
-        "edge",
-        "--coordinator",
-        &grpc,
-        "--ca",
-        &f("ca.pem"),
-        "--token-file",
-        &f("reader.token"),
-        "--idx-images",
-        "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
-        "--limit",
-        "5",
-    ])
-    .output()
-    .unwrap();
+    let out = edge("grpc", "reader.token", "5");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("refused the edge's credentials"),
