@@ -128,3 +128,95 @@ async fn an_open_task_watch_does_not_block_shutdown() {
         "no further task after shutdown: {end:?}"
     );
 }
+
+/// `GET /metrics` is Prometheus text, open like the probes, and its counters follow the
+/// frames: cutout shows as segments not run and MACs saved, exactly as the task's plan says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_frames_segments_and_macs_saved_by_cutout() {
+    let sandbox = SandboxBuilder::new().worker_per_branch().start().await;
+    let (status, body) = http(
+        sandbox.http,
+        "PUT",
+        "/v1/task",
+        r#"{"categories": ["Sandal", "Sneaker", "Ankle boot"]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let task: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let plan_macs = task["plan"]["cloud_macs"].as_u64().expect("macs") as f64;
+    let plan_saved = task["plan"]["cloud_macs_saved"].as_u64().expect("saved") as f64;
+    assert!(
+        plan_saved > 0.0,
+        "footwear only cuts out the other branches"
+    );
+
+    let model = sandbox.model.clone();
+    let (images, _) = test_images(40);
+    let feats = features(&model, &images);
+    let answers = sandbox
+        .classify(frames(&model, &feats, spotlight_codec::Codec::Int8))
+        .await;
+    assert_eq!(answers.len(), 40);
+
+    let reply = http_with(sandbox.http, "GET", "/metrics", None, b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply
+            .headers
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        reply.headers
+    );
+    let m = spotlight_service::metrics::parse_text(&reply.body);
+    let v = |name: &str| m.get(name).copied().unwrap_or(0.0);
+    assert_eq!(v("spotlight_coordinator_frames_received_total"), 40.0);
+    assert_eq!(v("spotlight_coordinator_frames_answered_total"), 40.0);
+    assert_eq!(v("spotlight_coordinator_frame_seconds_count"), 40.0);
+    assert_eq!(
+        v("spotlight_coordinator_segments_run_total{segment=\"footwear\"}"),
+        40.0
+    );
+    assert_eq!(
+        v("spotlight_coordinator_segments_run_total{segment=\"tops\"}"),
+        0.0
+    );
+    assert_eq!(
+        v("spotlight_coordinator_cloud_macs_total"),
+        40.0 * plan_macs
+    );
+    assert_eq!(
+        v("spotlight_coordinator_cloud_macs_saved_total"),
+        40.0 * plan_saved
+    );
+    assert_eq!(v("spotlight_coordinator_task_version"), 2.0);
+    assert_eq!(
+        v("spotlight_coordinator_live_replicas{segment=\"tops\"}"),
+        1.0
+    );
+    assert_eq!(v("spotlight_coordinator_in_flight_frames"), 0.0);
+    assert_eq!(v("spotlight_coordinator_ready"), 1.0);
+    assert!(v("spotlight_coordinator_wire_bytes_total{direction=\"in\"}") > 0.0);
+    assert!(v("spotlight_coordinator_wire_bytes_total{direction=\"out\"}") > 0.0);
+    assert!(
+        !reply
+            .body
+            .contains("spotlight_coordinator_frame_errors_total{")
+    );
+
+    // One worker gone: its segments have no replica, and the coordinator is not ready.
+    let mut sandbox = sandbox;
+    let i = sandbox
+        .workers
+        .iter()
+        .position(|w| w.id == "tops")
+        .expect("tops");
+    sandbox.workers.remove(i).stop().await;
+    let (_, text) = http(sandbox.http, "GET", "/metrics", "").await;
+    let m = spotlight_service::metrics::parse_text(&text);
+    assert_eq!(
+        m["spotlight_coordinator_live_replicas{segment=\"tops\"}"],
+        0.0
+    );
+    assert_eq!(m["spotlight_coordinator_ready"], 0.0);
+    sandbox.stop().await;
+}

@@ -521,3 +521,51 @@ async fn a_global_in_flight_limit_is_backpressure_not_loss() {
         );
     }
 }
+
+/// A replica that hands every frame back (UNAVAILABLE per frame, as a draining worker
+/// does) loses none: the coordinator runs them on another replica, counts them as
+/// re-routed, and does not count the hand-back against the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_handed_back_by_a_draining_replica_run_on_another() {
+    let sandbox = SandboxBuilder::new().worker("good", &[]).start().await;
+    bad_worker(&sandbox, |b| pb::RunBatchResult {
+        batch_id: b.batch_id,
+        errors: (0..b.features.len() as u32)
+            .map(|index| pb::ItemError {
+                index,
+                code: tonic::Code::Unavailable as i32,
+                message: "worker is shutting down; the frame is handed back".into(),
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await;
+    sandbox.wait_for_workers(2).await;
+    let model = sandbox.model.clone();
+    let (images, _) = test_images(200);
+    let feats = features(&model, &images);
+    let answers = sandbox.classify(frames(&model, &feats, Codec::Int8)).await;
+    assert_eq!(answers.len(), 200);
+    for a in answers.values() {
+        assert!(
+            matches!(a, pb::cloud_message::Kind::Prediction(_)),
+            "every frame predicted: {a:?}"
+        );
+    }
+    let (_, text) = http(sandbox.http, "GET", "/metrics", "").await;
+    let m = spotlight_service::metrics::parse_text(&text);
+    let handed_back = m
+        .get("spotlight_coordinator_rerouted_frames_total{reason=\"handed_back\"}")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(
+        handed_back > 0.0,
+        "some frames went to the replica that hands back: {text}"
+    );
+    let (_, body) = http(sandbox.http, "GET", "/v1/workers", "").await;
+    let workers: serde_json::Value = serde_json::from_str(&body).expect("json");
+    for w in workers["workers"].as_array().expect("list") {
+        assert_eq!(w["failures"], 0, "a hand-back is no failure: {w}");
+    }
+    sandbox.stop().await;
+}

@@ -162,6 +162,8 @@ impl Cluster {
                             coordinator_url.clone(),
                             "--listen".into(),
                             listen.to_string(),
+                            "--http-listen".into(),
+                            "127.0.0.1:0".into(),
                             "--id".into(),
                             id.clone(),
                         ]

@@ -6,10 +6,13 @@
 //! - `GET  /v1/model`                     model, segments, and the current cutout plan
 //! - `GET  /v1/workers`                   live workers, with failures and ejections
 //! - `GET  /livez`, `GET /readyz`         liveness; readiness = every segment has a live worker
+//!   and the coordinator is not draining
+//! - `GET  /metrics`                      Prometheus text: every family of the process
 //!
-//! With tokens configured, every route but the probes needs `Authorization: Bearer <token>`:
-//! reads a reader or operator token, changes an operator token (401 without a valid token,
-//! 403 for a role that may not).
+//! With tokens configured, every route but the probes and `/metrics` needs
+//! `Authorization: Bearer <token>`: reads a reader or operator token, changes an operator
+//! token (401 without a valid token, 403 for a role that may not). `/metrics` needs a reader
+//! token only with `[security] protect_metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +41,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/workers", get(workers))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             authorize,
@@ -50,6 +54,12 @@ async fn authorize(State(s): State<Arc<Shared>>, request: Request, next: Next) -
     use spotlight_service::Access;
     let access = match (request.uri().path(), request.method()) {
         ("/livez" | "/readyz", _) => None,
+        ("/metrics", _) => {
+            if let Err(e) = s.config.security.authorize_metrics(request.headers()) {
+                return ApiError::from(e).into_response();
+            }
+            None
+        }
         (_, &axum::http::Method::GET | &axum::http::Method::HEAD) => Some(Access::Read),
         _ => Some(Access::Operate),
     };
@@ -157,14 +167,12 @@ async fn workers(State(s): State<Arc<Shared>>) -> Json<Value> {
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
-    let missing = s.uncovered_segments();
-    if missing.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no live worker for segments: {}\n", missing.join(", ")),
-        )
-            .into_response()
+    match s.ready() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    s.config.metrics.response()
 }

@@ -6,6 +6,7 @@ pub mod error;
 mod grpc;
 mod http;
 pub mod link;
+pub mod metrics;
 mod quic;
 pub mod registry;
 pub mod router;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
-use spotlight_service::{Access, Alpn, Security, Shutdown};
+use spotlight_service::{Access, Alpn, Metrics, Security, Shutdown};
 use tokio::net::TcpListener;
 
 pub use error::{ApiError, ErrorCode};
@@ -63,6 +64,10 @@ pub struct CoordinatorConfig {
     /// `[security]` by the binary; the library default is plaintext and open).
     #[serde(skip)]
     pub security: Security,
+    /// Where the coordinator's metrics are registered; `GET /metrics` serves all of this
+    /// registry (in `spotlight up`, every role's).
+    #[serde(skip)]
+    pub metrics: Metrics,
 }
 
 impl Default for CoordinatorConfig {
@@ -82,6 +87,7 @@ impl Default for CoordinatorConfig {
             ejection_max_ms: 30_000,
             drain_timeout_ms: 10_000,
             security: Security::insecure(),
+            metrics: Metrics::new(),
         }
     }
 }
@@ -150,7 +156,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Segment ids with no live worker.
     /// Resolves once shutdown has started.
     pub(crate) async fn stopping(&self) {
         self.shutdown.begun().await;
@@ -168,6 +173,24 @@ impl Shared {
             .map(|_| ())
     }
 
+    /// Ready to take frames: not draining, and every segment has a live worker; else why
+    /// not.
+    pub(crate) fn ready(&self) -> Result<(), String> {
+        if self.shutdown.is_begun() {
+            return Err("draining: shutting down".into());
+        }
+        let missing = self.uncovered_segments();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "no live worker for segments: {}",
+                missing.join(", ")
+            ))
+        }
+    }
+
+    /// Segment ids with no live worker.
     pub(crate) fn uncovered_segments(&self) -> Vec<String> {
         let live = self.registry.live();
         (0..self.model.segments().len())
@@ -231,7 +254,17 @@ pub async fn run(
         },
         drain,
     );
-    let router = router::Router::new(model.clone(), registry.clone(), limits, stop.clone());
+    let route_metrics = Arc::new(metrics::RouteMetrics::new(
+        config.metrics.part::<metrics::CoordinatorMetrics>(),
+        &model,
+    ));
+    let router = router::Router::new(
+        model.clone(),
+        registry.clone(),
+        limits,
+        stop.clone(),
+        route_metrics,
+    );
     let config_total = config.max_in_flight_total;
     let shared = Arc::new(Shared {
         config,
@@ -242,6 +275,7 @@ pub async fn run(
         shutdown: stop.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(config_total)),
     });
+    metrics::watch(&shared.config.metrics, Arc::downgrade(&shared));
     let security = shared.config.security.clone();
     let grpc_addr = listeners
         .grpc
@@ -346,13 +380,22 @@ pub async fn run(
         }
         false => None,
     };
+    // HTTP stays up until gRPC has drained, so probes see /readyz answer 503 meanwhile.
+    let (grpc_drained, http_stop) = tokio::sync::oneshot::channel::<()>();
     let http = axum::serve(
         security
             .incoming(listeners.http, Alpn::Http1)
             .map_err(CoordinatorError::Http)?,
         http::router(shared.clone()),
     )
-    .with_graceful_shutdown(stopped());
+    .with_graceful_shutdown(async move {
+        let _ = http_stop.await;
+    });
+    let grpc = async move {
+        let served = grpc.await;
+        drop(grpc_drained);
+        served
+    };
 
     // A peer that never finishes its part of a graceful close (a stopped worker holding a
     // registry connection, an edge that keeps its side of a stream open) cannot hold the

@@ -1,14 +1,16 @@
 //! Per-frame routing: cutout plan → workers → merged, normalised prediction.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prost::Message;
 use spotlight_codec::Codec;
 use spotlight_model::{MergeError, Model};
 use spotlight_proto::v1 as pb;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::link::{FrameAnswers, FrameLogits};
+use crate::metrics::RouteMetrics;
 use crate::registry::{Failure, InFlight, Registry};
 use crate::task::{ActiveTask, RouteGroup};
 
@@ -34,6 +36,7 @@ pub struct Router {
     /// When a draining coordinator's shutdown is `late`, frames still in flight are
     /// answered UNAVAILABLE, so each gets an answer before it exits.
     shutdown: spotlight_service::Shutdown,
+    metrics: Arc<RouteMetrics>,
 }
 
 /// Checks a frame's tensor against `model` without decoding it (shape, codec, byte length).
@@ -65,13 +68,20 @@ impl Router {
         registry: Arc<Registry>,
         limits: RouteLimits,
         shutdown: spotlight_service::Shutdown,
+        metrics: Arc<RouteMetrics>,
     ) -> Self {
         Self {
             model,
             registry,
             limits,
             shutdown,
+            metrics,
         }
+    }
+
+    /// What routing counts.
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
     }
 
     /// Resolves once the router gives up on frames in flight.
@@ -104,6 +114,47 @@ impl Router {
         &self,
         frames: Vec<(u64, Option<pb::FeatureTensor>)>,
         task: Arc<ActiveTask>,
+    ) -> Vec<Result<pb::Prediction, ApiError>> {
+        let started = Instant::now();
+        let bytes: usize = frames
+            .iter()
+            .map(|(seq, f)| {
+                pb::Frame {
+                    seq: *seq,
+                    features: None,
+                }
+                .encoded_len()
+                    + f.as_ref()
+                        .map_or(0, |f| prost::encoding::message::encoded_len(2, f))
+            })
+            .sum();
+        self.metrics.received(frames.len() as u64, bytes as u64);
+        let answers = self.route_checked(frames, &task).await;
+        let elapsed = started.elapsed();
+        for answer in &answers {
+            match answer {
+                Ok(p) => {
+                    self.metrics.predicted(
+                        &task.plan.segments,
+                        task.plan.cloud_macs,
+                        task.plan.cloud_macs_saved,
+                    );
+                    self.metrics.answered(elapsed, p.encoded_len() as u64, None);
+                }
+                Err(e) => {
+                    // seq, code and message, as the frame's error carries them.
+                    let bytes = 16 + e.message.len();
+                    self.metrics.answered(elapsed, bytes as u64, Some(e.code));
+                }
+            }
+        }
+        answers
+    }
+
+    async fn route_checked(
+        &self,
+        frames: Vec<(u64, Option<pb::FeatureTensor>)>,
+        task: &Arc<ActiveTask>,
     ) -> Vec<Result<pb::Prediction, ApiError>> {
         let ncat = self.model.categories().len();
         let mut answers: Vec<Result<Vec<f32>, ApiError>> = Vec::with_capacity(frames.len());
@@ -170,7 +221,7 @@ impl Router {
         frames
             .into_iter()
             .zip(answers)
-            .map(|((seq, _), logits)| self.prediction(seq, &task, &logits?))
+            .map(|((seq, _), logits)| self.prediction(seq, task, &logits?))
             .collect()
     }
 
@@ -245,8 +296,10 @@ impl Router {
         let mut todo: Vec<usize> = (0..features.len()).collect();
         let mut tried = Vec::new();
         let mut last: Option<ApiError> = None;
+        // Frames a draining replica handed back may wait for a replacement like new frames.
+        let mut replaced = false;
         while !todo.is_empty() && tried.len() < MAX_ATTEMPTS {
-            let wait = if tried.is_empty() {
+            let wait = if tried.is_empty() || replaced {
                 self.limits.no_worker_wait
             } else {
                 Duration::ZERO
@@ -275,25 +328,43 @@ impl Router {
             };
             match result {
                 Ok(got) => {
-                    let mut refused = Vec::new();
+                    // Frames the replica had no room for, and frames a draining replica
+                    // handed back (UNAVAILABLE for the frame, not the call), go to another.
+                    let (mut overloaded, mut handed_back) = (Vec::new(), Vec::new());
                     for (&i, answer) in todo.iter().zip(got) {
-                        if matches!(&answer, Err(e) if e.code == ErrorCode::ResourceExhausted) {
-                            refused.push(i);
+                        match &answer {
+                            Err(e) if e.code == ErrorCode::ResourceExhausted => overloaded.push(i),
+                            Err(e) if e.code == ErrorCode::Unavailable => handed_back.push(i),
+                            _ => {}
                         }
                         answers[i] = Some(answer);
                     }
-                    if refused.is_empty() {
+                    if overloaded.is_empty() {
+                        // Handing frames back is how a replica leaves cleanly, not a fault.
                         self.registry.succeeded(&worker);
                     } else {
                         self.registry
                             .failed(&worker, Failure::Overloaded, "queue full");
                         tracing::debug!(
                             worker = worker.worker_id,
-                            frames = refused.len(),
+                            frames = overloaded.len(),
                             "worker queue full; trying another replica"
                         );
+                        self.metrics.rerouted("overloaded", overloaded.len() as u64);
                     }
-                    todo = refused;
+                    if !handed_back.is_empty() {
+                        tracing::debug!(
+                            worker = worker.worker_id,
+                            frames = handed_back.len(),
+                            "worker handed frames back; trying another replica"
+                        );
+                        self.metrics
+                            .rerouted("handed_back", handed_back.len() as u64);
+                    }
+                    replaced = !handed_back.is_empty();
+                    overloaded.extend(handed_back);
+                    overloaded.sort_unstable();
+                    todo = overloaded;
                 }
                 Err(e) => {
                     self.registry.failed(&worker, Failure::Fault, &e.message);
@@ -306,6 +377,7 @@ impl Router {
                         break;
                     }
                     tracing::warn!(worker = worker.worker_id, error = %e.message, "worker unreachable; trying another replica");
+                    self.metrics.rerouted("unavailable", todo.len() as u64);
                     last = Some(e);
                 }
             }

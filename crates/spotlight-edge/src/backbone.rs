@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use prost::Message;
 use spotlight_codec::{Codec, Compression};
 use spotlight_model::Model;
 use spotlight_proto::v1::FeatureTensor;
@@ -128,8 +129,13 @@ impl Backbone {
         Ok(self
             .features(images)?
             .iter()
-            .map(|f| encode_features(self.codec, self.compression, &self.model, f))
+            .map(|f| self.encode_one(f))
             .collect())
+    }
+
+    /// Encodes one image's features with the stream's codec and lossless stage.
+    pub fn encode_one(&self, features: &[f32]) -> FeatureTensor {
+        encode_features(self.codec, self.compression, &self.model, features)
     }
 
     /// Runs and encodes one image.
@@ -191,7 +197,25 @@ pub(crate) fn serve(
         let started = Instant::now();
         let refs: Vec<&[u8]> = pixels.iter().map(Vec::as_slice).collect();
         let span = tracing::debug_span!("backbone", batch = refs.len());
-        let result = span.in_scope(|| backbone.encode_batch(&refs));
+        let metrics = sink.metrics();
+        let result = span.in_scope(|| {
+            let features = backbone.features(&refs)?;
+            metrics
+                .backbone_seconds
+                .observe(started.elapsed().as_secs_f64());
+            Ok::<_, EdgeError>(
+                features
+                    .iter()
+                    .map(|f| {
+                        let t = Instant::now();
+                        let tensor = backbone.encode_one(f);
+                        metrics.encode_seconds.observe(t.elapsed().as_secs_f64());
+                        metrics.bytes_out.inc_by(tensor.encoded_len() as u64);
+                        tensor
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        });
         match result {
             Ok(tensors) => {
                 for (meta, features) in metas.into_iter().zip(tensors) {

@@ -15,6 +15,7 @@ mod config;
 mod error;
 mod image_input;
 mod local_api;
+pub mod metrics;
 mod record;
 mod report;
 mod source;
@@ -54,6 +55,9 @@ pub struct RunOptions {
     pub local_listener: Option<TcpListener>,
     /// TLS to the coordinator and the edge's bearer token (default: plaintext, no token).
     pub security: spotlight_service::Security,
+    /// Where the edge's metrics are registered; the local API's `GET /metrics` serves all
+    /// of this registry.
+    pub metrics: spotlight_service::Metrics,
 }
 
 /// Runs the edge agent until the dataset source is exhausted and answered (when there is
@@ -129,7 +133,8 @@ async fn run_validated(
     let (items_tx, items_rx) = mpsc::channel(config.batch_size * 2);
     let (jobs_tx, jobs_rx) = mpsc::channel(config.batch_size);
     let (records_tx, records_rx) = mpsc::unbounded_channel();
-    let sink = Sink::new(model.categories(), records_tx);
+    let edge_metrics = options.metrics.part::<metrics::EdgeMetrics>();
+    let sink = Sink::new(model.categories(), records_tx, edge_metrics.clone());
     let (opened_tx, opened_rx) = oneshot::channel();
     let backbone_thread = {
         let (model, sink, codec) = (model.clone(), sink.clone(), config.codec);
@@ -190,7 +195,14 @@ async fn run_validated(
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "local API listening");
         }
-        let router = local_api::router(items_tx.clone(), seq.clone());
+        let router = local_api::router(
+            items_tx.clone(),
+            seq.clone(),
+            local_api::Probes {
+                metrics: options.metrics.clone(),
+                edge: edge_metrics.clone(),
+            },
+        );
         let stopped = stop.begun();
         tasks.push(tokio::spawn(
             async move {

@@ -1,4 +1,6 @@
-//! The device API: `POST /v1/classify` with a PNG/JPEG body answers the prediction as JSON.
+//! The device API: `POST /v1/classify` with a PNG/JPEG body answers the prediction as JSON;
+//! `GET /livez`, `GET /readyz` (200 while a stream to the coordinator is open) and
+//! `GET /metrics` (Prometheus text).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::EdgeMetrics;
 use crate::record::{FrameFailure, Input, Item, ItemMeta, Record, Score, SeqGen, code};
 
 /// How long a request may wait for room in the pipeline before 429.
@@ -88,23 +91,52 @@ pub(crate) fn record_response(record: Record) -> Response {
     }
 }
 
+/// What the probes and `/metrics` read.
+#[derive(Clone)]
+pub(crate) struct Probes {
+    /// The registry `/metrics` serves.
+    pub metrics: spotlight_service::Metrics,
+    /// The edge's own families, with whether it is connected.
+    pub edge: Arc<EdgeMetrics>,
+}
+
 #[derive(Clone)]
 struct ApiState {
     items: mpsc::Sender<Item>,
     seq: SeqGen,
     requests: Arc<AtomicU64>,
+    probes: Probes,
 }
 
 /// The device API router.
-pub(crate) fn router(items: mpsc::Sender<Item>, seq: SeqGen) -> Router {
+pub(crate) fn router(items: mpsc::Sender<Item>, seq: SeqGen, probes: Probes) -> Router {
     Router::new()
         .route("/v1/classify", post(classify))
         .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
         .with_state(ApiState {
             items,
             seq,
             requests: Arc::default(),
+            probes,
         })
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.probes.edge.connected() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the coordinator\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<ApiState>) -> Response {
+    state.probes.metrics.response()
 }
 
 #[tracing::instrument(skip_all, fields(seq, bytes = body.len()))]

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::EdgeMetrics;
+
 /// gRPC status code numbers used for edge-side failures.
 pub mod code {
     /// The run was shut down before the frame was answered.
@@ -172,14 +174,25 @@ impl SeqGen {
 pub struct Sink {
     categories: Arc<[String]>,
     records: mpsc::UnboundedSender<Record>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 impl Sink {
-    pub fn new(categories: &[String], records: mpsc::UnboundedSender<Record>) -> Self {
+    pub fn new(
+        categories: &[String],
+        records: mpsc::UnboundedSender<Record>,
+        metrics: Arc<EdgeMetrics>,
+    ) -> Self {
         Self {
             categories: categories.into(),
             records,
+            metrics,
         }
+    }
+
+    /// The edge's metrics, counted as frames pass.
+    pub fn metrics(&self) -> &EdgeMetrics {
+        &self.metrics
     }
 
     pub fn finish(
@@ -189,6 +202,11 @@ impl Sink {
         latency: Option<Duration>,
         bytes: Option<usize>,
     ) {
+        self.metrics
+            .finished(outcome.as_ref().err().map(|f| f.code), latency);
+        if let Ok(p) = &outcome {
+            self.metrics.task_version.set(p.task_version as i64);
+        }
         let label = meta
             .label
             .and_then(|i| self.categories.get(i).map(|n| (i, n.clone())));
@@ -272,7 +290,12 @@ mod tests {
     #[test]
     fn sink_answers_the_waiting_request_and_the_reporter() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = Sink::new(&["a".to_string(), "b".to_string()], tx);
+        let metrics = spotlight_service::Metrics::new();
+        let sink = Sink::new(
+            &["a".to_string(), "b".to_string()],
+            tx,
+            metrics.part::<EdgeMetrics>(),
+        );
         let (reply, mut waiting) = oneshot::channel();
         let meta = ItemMeta {
             seq: 1,
@@ -284,5 +307,11 @@ mod tests {
         let got = waiting.try_recv().unwrap();
         assert_eq!(got.label, Some((1, "b".to_string())));
         assert_eq!(rx.try_recv().unwrap(), got);
+        let v = spotlight_service::metrics::parse_text(&metrics.encode());
+        assert_eq!(v["spotlight_edge_frames_answered_total"], 1.0);
+        assert_eq!(
+            v["spotlight_edge_frame_errors_total{code=\"INVALID_ARGUMENT\"}"],
+            1.0
+        );
     }
 }

@@ -65,6 +65,8 @@ pub(crate) struct Pending {
     pub meta: ItemMeta,
     pub frame: Frame,
     pub started: Instant,
+    /// When it was first sent.
+    pub sent: Instant,
 }
 
 /// Frames in flight, by seq. Answers for unknown seqs (already answered, e.g. by a stream
@@ -143,6 +145,7 @@ impl Window {
                 meta: job.meta,
                 frame,
                 started: job.started,
+                sent: Instant::now(),
             },
         );
         msg
@@ -287,7 +290,10 @@ impl StreamDriver {
             let end = match self.open().instrument(span.clone()).await {
                 Ok((tx, inbound)) => {
                     failures = 0;
-                    self.session(tx, inbound).instrument(span).await
+                    self.sink.metrics().set_connected(true);
+                    let end = self.session(tx, inbound).instrument(span).await;
+                    self.sink.metrics().set_connected(false);
+                    end
                 }
                 Err(OpenError::Retry(reason)) => SessionEnd::Broken(reason),
                 Err(OpenError::Fatal(e)) => SessionEnd::Fatal(e),
@@ -370,6 +376,7 @@ impl StreamDriver {
         for p in self.window.drain() {
             self.sink.fail(p.meta, failure.clone());
         }
+        self.sink.metrics().in_flight.set(0);
         while let Some(job) = self.jobs.recv().await {
             self.sink.fail(job.meta, failure.clone());
         }
@@ -584,6 +591,7 @@ impl StreamDriver {
         // Last time the stream made progress (an answer came, or the window was empty).
         let mut progress = tokio::time::Instant::now();
         loop {
+            self.sink.metrics().in_flight.set(self.window.len() as i64);
             if !self.input_open && self.window.is_empty() {
                 return SessionEnd::Done;
             }
@@ -602,6 +610,10 @@ impl StreamDriver {
             match event {
                 Event::Inbound(Some(Ok(msg))) => {
                     progress = tokio::time::Instant::now();
+                    self.sink
+                        .metrics()
+                        .bytes_in
+                        .inc_by(prost::Message::encoded_len(&msg) as u64);
                     self.on_message(msg)
                 }
                 Event::Stalled => {
@@ -667,6 +679,10 @@ impl StreamDriver {
         };
         match self.window.answer(seq) {
             Some(p) => {
+                self.sink
+                    .metrics()
+                    .round_trip_seconds
+                    .observe(p.sent.elapsed().as_secs_f64());
                 let bytes = p.frame.features.as_ref().map(|f| f.data.len());
                 self.sink
                     .finish(p.meta, outcome, Some(p.started.elapsed()), bytes);

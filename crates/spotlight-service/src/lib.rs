@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod certs;
 pub mod error;
+pub mod metrics;
 pub mod quic;
 mod secret;
 pub mod shutdown;
@@ -23,6 +24,7 @@ use tonic::transport::Endpoint;
 
 pub use auth::{Access, AuthError, Principal, Role, TokenEntry, TokenStore};
 pub use error::{ApiError, ErrorCode};
+pub use metrics::Metrics;
 pub use secret::Secret;
 pub use shutdown::Shutdown;
 pub use tls::{Alpn, ClientTls, Conn, Incoming, ServerTls};
@@ -54,6 +56,10 @@ pub struct SecurityConfig {
     pub server_name: Option<String>,
     /// How often certificate, key, CA and tokens files are checked for changes.
     pub reload_ms: u64,
+    /// `GET /metrics` needs a reader (or operator) token, like the other reads. Off by
+    /// default: Prometheus scrapers usually carry no token, and the metrics hold no task,
+    /// feature or credential.
+    pub protect_metrics: bool,
 }
 
 impl Default for SecurityConfig {
@@ -68,6 +74,7 @@ impl Default for SecurityConfig {
             token: None,
             server_name: None,
             reload_ms: 5000,
+            protect_metrics: false,
         }
     }
 }
@@ -178,6 +185,7 @@ pub struct Security {
     tokens: Option<Arc<TokenStore>>,
     bearer: Option<AsciiMetadataValue>,
     reload: Option<Duration>,
+    protect_metrics: bool,
 }
 
 impl Security {
@@ -265,6 +273,7 @@ impl Security {
             tokens,
             bearer: None,
             reload: Some(Duration::from_millis(config.reload_ms.max(100))),
+            protect_metrics: config.protect_metrics,
         };
         s.set_token(token)?;
         Ok(s)
@@ -289,6 +298,7 @@ impl Security {
             tokens,
             bearer: None,
             reload: None,
+            protect_metrics: false,
         };
         s.set_token(p.token)?;
         Ok(s)
@@ -365,6 +375,20 @@ impl Security {
             .get(axum::http::header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or("<not ascii>"));
         self.authorize(header, access)
+    }
+
+    /// Whether `GET /metrics` needs a reader token (`[security] protect_metrics`).
+    pub fn with_protected_metrics(mut self, protect: bool) -> Self {
+        self.protect_metrics = protect;
+        self
+    }
+
+    /// Checks a `GET /metrics`: open unless `protect_metrics`, then like any read.
+    pub fn authorize_metrics(&self, headers: &axum::http::HeaderMap) -> Result<(), AuthError> {
+        if self.protect_metrics {
+            self.authorize_http(headers, Access::Read)?;
+        }
+        Ok(())
     }
 
     /// Adds this process's bearer token (if any) to an outgoing call.
@@ -522,6 +546,28 @@ mod tests {
                 .contains("https://")
         );
         assert!(edge.endpoint("https://127.0.0.1:1").is_ok());
+    }
+
+    #[test]
+    fn metrics_are_open_unless_protected_then_need_a_reader() {
+        let pki = certs::DevPki::generate(&[]).unwrap();
+        let server = pki.security(Role::Coordinator, false).unwrap();
+        let none = axum::http::HeaderMap::new();
+        assert!(server.authorize_metrics(&none).is_ok(), "open by default");
+        let server = server.with_protected_metrics(true);
+        assert!(matches!(
+            server.authorize_metrics(&none),
+            Err(AuthError::Unauthenticated(_))
+        ));
+        let bearer = |role: Role| {
+            let mut h = axum::http::HeaderMap::new();
+            let v = format!("Bearer {}", pki.token(role).expose());
+            h.insert(axum::http::header::AUTHORIZATION, v.parse().unwrap());
+            h
+        };
+        assert!(server.authorize_metrics(&bearer(Role::Reader)).is_ok());
+        assert!(server.authorize_metrics(&bearer(Role::Operator)).is_ok());
+        assert!(server.authorize_metrics(&bearer(Role::Edge)).is_err());
     }
 
     #[test]

@@ -12,10 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prost::Message;
 use spotlight_codec::{Codec, CodecError, Compression};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
 use spotlight_runtime::{OnnxRuntimeError, SegmentSession};
+
+use crate::metrics::EngineMetrics;
 
 /// Why a request failed as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +35,7 @@ pub enum EngineError {
     Runtime(#[from] OnnxRuntimeError),
     #[error("queue full: {queued} frames queued, capacity {capacity}; retry later")]
     Overloaded { queued: usize, capacity: usize },
-    #[error("worker is shutting down")]
+    #[error("worker is shutting down; the frame is handed back to run on another replica")]
     Closed,
 }
 
@@ -114,6 +119,10 @@ struct Queue {
     state: Mutex<QueueState>,
     ready: Condvar,
     capacity: usize,
+    /// Frames queued.
+    depth: Gauge,
+    /// How long frames waited, observed when a batcher takes them.
+    wait: Histogram,
 }
 
 impl Queue {
@@ -136,6 +145,7 @@ impl Queue {
         }
         s.frames += n;
         s.jobs.push_back((Instant::now(), job));
+        self.depth.set(s.frames as i64);
         drop(s);
         self.ready.notify_one();
         Ok(())
@@ -168,17 +178,23 @@ impl Queue {
         }
         let mut jobs = Vec::new();
         let mut frames = 0;
+        let now = Instant::now();
         while let Some((_, front)) = s.jobs.front() {
             let n = front.frames.len();
             if !jobs.is_empty() && frames + n > max_batch {
                 break;
             }
             frames += n;
-            if let Some((_, job)) = s.jobs.pop_front() {
+            if let Some((queued, job)) = s.jobs.pop_front() {
+                let waited = now.duration_since(queued).as_secs_f64();
+                for _ in 0..n {
+                    self.wait.observe(waited);
+                }
                 jobs.push(job);
             }
         }
         s.frames -= frames;
+        self.depth.set(s.frames as i64);
         let more = !s.jobs.is_empty();
         drop(s);
         if more {
@@ -192,6 +208,18 @@ impl Queue {
         self.lock().closed = true;
         self.ready.notify_all();
     }
+
+    /// Closes the queue and takes every job still in it, for an answer elsewhere.
+    fn hand_back(&self) -> Vec<Job> {
+        let mut s = self.lock();
+        s.closed = true;
+        s.frames = 0;
+        self.depth.set(0);
+        let jobs = s.jobs.drain(..).map(|(_, job)| job).collect();
+        drop(s);
+        self.ready.notify_all();
+        jobs
+    }
 }
 
 #[derive(Default)]
@@ -204,6 +232,7 @@ struct Counters {
 pub struct Engine {
     model: Arc<Model>,
     worker_id: String,
+    metrics: EngineMetrics,
     /// By segment index: hosted here.
     hosted: Vec<bool>,
     counters: Arc<Vec<Counters>>,
@@ -215,11 +244,14 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the sessions of `branches` (top-level ids; empty = all) and their descendants,
-    /// once per batcher thread, and starts the threads.
+    /// once per batcher thread, and starts the threads. `worker_id` names the worker in
+    /// [`Engine::stats`] and in the metrics it registers with `metrics`.
     pub async fn load(
         model: Arc<Model>,
         branches: &[String],
         batch: BatchSettings,
+        worker_id: &str,
+        metrics: &spotlight_service::Metrics,
     ) -> Result<Self, EngineError> {
         if batch.max_batch == 0 || batch.threads == 0 || batch.queue_capacity == 0 {
             return Err(EngineError::BadRequest(
@@ -251,10 +283,13 @@ impl Engine {
         .await
         .map_err(|_| EngineError::Closed)??;
 
+        let engine_metrics = EngineMetrics::new(metrics, worker_id, &model, &hosted);
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             ready: Condvar::new(),
             capacity: batch.queue_capacity,
+            depth: engine_metrics.queue_depth.clone(),
+            wait: engine_metrics.queue_wait.clone(),
         });
         let counters: Arc<Vec<Counters>> =
             Arc::new((0..hosted.len()).map(|_| Counters::default()).collect());
@@ -267,6 +302,7 @@ impl Engine {
                 sessions,
                 counters: counters.clone(),
                 requests: requests.clone(),
+                metrics: engine_metrics.clone(),
             };
             let queue = queue.clone();
             let handle = std::thread::Builder::new()
@@ -281,7 +317,8 @@ impl Engine {
         }
         Ok(Self {
             model,
-            worker_id: String::new(),
+            worker_id: worker_id.to_string(),
+            metrics: engine_metrics,
             hosted,
             counters,
             requests,
@@ -291,10 +328,28 @@ impl Engine {
         })
     }
 
-    /// Sets the id reported by [`Engine::stats`].
-    pub fn with_worker_id(mut self, id: impl Into<String>) -> Self {
-        self.worker_id = id.into();
-        self
+    /// This worker's series.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
+    /// Frames received and not answered yet (queued or running).
+    pub fn in_flight(&self) -> i64 {
+        self.metrics.in_flight.get()
+    }
+
+    /// Closes the queue: frames still queued, and any submitted from now on, are answered
+    /// UNAVAILABLE at once for the coordinator to run on another replica; the batches
+    /// already running finish. Returns how many frames were handed back.
+    pub fn hand_back(&self) -> usize {
+        let jobs = self.queue.hand_back();
+        let mut frames = 0;
+        for job in jobs {
+            frames += job.frames.len();
+            answer_refused(job, &EngineError::Closed);
+        }
+        self.metrics.handed_back.inc_by(frames as u64);
+        frames
     }
 
     /// Hosted segment ids, in tree order.
@@ -334,6 +389,17 @@ impl Engine {
         reply: Reply,
     ) {
         let n = features.len();
+        // Every path below answers exactly once, through this.
+        let reply: Reply = {
+            let m = self.metrics.clone();
+            m.frames_received.inc_by(n as u64);
+            m.in_flight.inc_by(n as i64);
+            Box::new(move |result: pb::RunBatchResult| {
+                m.answered(n, result.errors.iter().map(|e| e.code));
+                m.bytes_out.inc_by(result.encoded_len() as u64);
+                reply(result);
+            })
+        };
         let checked = check_request(&self.model, &self.hosted, model_hash, segments, features);
         let CheckedRequest {
             segments,
@@ -362,16 +428,14 @@ impl Engine {
         };
         if let Err(refused) = self.queue.push(job) {
             let (job, e) = *refused;
-            self.rejected
-                .fetch_add(job.frames.len() as u64, Ordering::Relaxed);
+            let frames = job.frames.len() as u64;
+            if matches!(e, EngineError::Closed) {
+                self.metrics.handed_back.inc_by(frames);
+            } else {
+                self.rejected.fetch_add(frames, Ordering::Relaxed);
+            }
             tracing::debug!(error = %e, "batch refused");
-            let mut result = refuse_all(0, &e);
-            result.errors = job.errors;
-            result
-                .errors
-                .extend(job.frames.iter().map(|(i, _)| item_error(*i, &e)));
-            result.errors.sort_by_key(|e| e.index);
-            (job.reply)(result);
+            answer_refused(job, &e);
         }
     }
 
@@ -538,6 +602,17 @@ impl Drop for Engine {
     }
 }
 
+/// Answers every frame of `job` with `e` (and the errors it already had).
+fn answer_refused(job: Job, e: &EngineError) {
+    let mut result = refuse_all(0, e);
+    result.errors = job.errors;
+    result
+        .errors
+        .extend(job.frames.iter().map(|(i, _)| item_error(*i, e)));
+    result.errors.sort_by_key(|e| e.index);
+    (job.reply)(result);
+}
+
 /// Most frames one `RunBatch` may carry.
 pub const MAX_FRAMES_PER_BATCH: usize = 4096;
 
@@ -565,6 +640,7 @@ struct Batcher {
     sessions: Vec<Option<SegmentSession>>,
     counters: Arc<Vec<Counters>>,
     requests: Arc<AtomicU64>,
+    metrics: EngineMetrics,
 }
 
 /// A segment's output for the rows that ran it.
@@ -662,7 +738,12 @@ impl Batcher {
                 .chunks(width * self.max_batch)
                 .zip(gains.chunks(self.max_batch))
             {
-                match session.run(xs.to_vec(), gs.to_vec()) {
+                let started = Instant::now();
+                let ran = session.run(xs.to_vec(), gs.to_vec());
+                if let Some(h) = &self.metrics.segment_seconds[s] {
+                    h.observe(started.elapsed().as_secs_f64());
+                }
+                match ran {
                     Ok(out) => {
                         features.extend(out.features.unwrap_or_default());
                         logits.extend(out.logits.unwrap_or_default());
@@ -680,6 +761,9 @@ impl Batcher {
             let c = &self.counters[s];
             c.frames.fetch_add(rows.len() as u64, Ordering::Relaxed);
             c.batches.fetch_add(runs, Ordering::Relaxed);
+            if let Some(frames) = &self.metrics.segment_frames[s] {
+                frames.inc_by(rows.len() as u64);
+            }
             let feature_len = features.len() / rows.len();
             done[s] = Some(SegmentRows {
                 rows,
@@ -765,6 +849,8 @@ mod tests {
             state: Mutex::new(QueueState::default()),
             ready: Condvar::new(),
             capacity,
+            depth: Gauge::default(),
+            wait: spotlight_service::metrics::latency_histogram(),
         }
     }
 
@@ -805,8 +891,11 @@ mod tests {
         }
         let first = q.take(7, Duration::ZERO).expect("jobs");
         assert_eq!(first.iter().map(|j| j.frames.len()).sum::<usize>(), 6);
+        assert_eq!(q.depth.get(), 3, "one job of 3 frames still queued");
         let second = q.take(7, Duration::ZERO).expect("jobs");
         assert_eq!(second.len(), 1);
+        assert_eq!(q.depth.get(), 0);
+        assert_eq!(q.wait.count(), 9, "every frame's wait observed");
         q.close();
         assert!(q.take(7, Duration::ZERO).is_none());
     }
@@ -826,5 +915,21 @@ mod tests {
         let jobs = q.take(2, Duration::from_secs(10)).expect("jobs");
         assert!(feeder.join().unwrap_or(false));
         assert_eq!(jobs.len(), 2);
+    }
+
+    #[test]
+    fn hand_back_takes_every_queued_job_and_refuses_new_ones() {
+        let q = queue(100);
+        assert!(q.push(job(2)).is_ok());
+        assert!(q.push(job(3)).is_ok());
+        let back = q.hand_back();
+        assert_eq!(back.iter().map(|j| j.frames.len()).sum::<usize>(), 5);
+        assert_eq!(q.depth.get(), 0);
+        assert!(matches!(
+            q.push(job(1)).err().map(|b| b.1),
+            Some(EngineError::Closed)
+        ));
+        assert!(q.take(7, Duration::ZERO).is_none(), "closed and empty");
+        assert_eq!(EngineError::Closed.code(), tonic::Code::Unavailable);
     }
 }

@@ -1,6 +1,7 @@
 //! Register with the coordinator, keep the lease, deregister on the way out.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use spotlight_proto::v1 as pb;
@@ -9,6 +10,7 @@ use spotlight_service::Security;
 use tonic::transport::Channel;
 
 use crate::WorkerError;
+use crate::http::Readiness;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -21,6 +23,8 @@ pub(crate) struct Registration {
     pub heartbeat: Duration,
     /// TLS to the coordinator and the worker token.
     pub security: Security,
+    /// Told when a lease is granted or lost.
+    pub readiness: Arc<Readiness>,
 }
 
 impl Registration {
@@ -43,6 +47,7 @@ impl Registration {
                 None => match self.register(&mut client).await {
                     Ok(id) => {
                         lease = Some(id);
+                        self.readiness.set_registered(true);
                         backoff = Duration::from_millis(100);
                         self.heartbeat
                     }
@@ -72,6 +77,7 @@ impl Registration {
                         tracing::warn!(lease_id = id, error = %status.message(), "heartbeat failed; registering again");
                         if status.code() == tonic::Code::NotFound {
                             lease = None;
+                            self.readiness.set_registered(false);
                             Duration::ZERO
                         } else {
                             self.heartbeat.min(Duration::from_millis(500))
@@ -84,6 +90,7 @@ impl Registration {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        self.readiness.set_registered(false);
         if let Some(id) = lease {
             match tokio::time::timeout(
                 Duration::from_secs(2),

@@ -221,6 +221,9 @@ pub struct WorkerArgs {
     /// Address to serve Branches on.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Address of the HTTP probes and metrics (/livez, /readyz, /metrics).
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// Address the coordinator should call (default http://<listen>).
     #[arg(long)]
     pub advertise: Option<String>,

@@ -1,7 +1,8 @@
-//! Faults, each with real `spotlight` processes on loopback (ports from the OS): a worker
-//! killed mid-stream, a worker that hangs, a "worker" that answers bytes that are not
-//! HTTP/2, a coordinator stopped with watches and streams open, and every replica of a
-//! branch gone. Each test measures the bound it promises and prints what it measured
+//! Faults and lifecycle, each with real `spotlight` processes on loopback (ports from the
+//! OS): a worker killed mid-stream, a worker that hangs, a "worker" that answers bytes that
+//! are not HTTP/2, a coordinator stopped with watches and streams open, every replica of a
+//! branch gone; probes and metrics on every role, and a worker drained with SIGTERM under
+//! load. Each test measures the bound it promises and prints what it measured
 //! (`cargo test -p spotlight --test faults -- --nocapture`).
 //!
 //! The tests take one lock, so their timings are not disturbed by each other.
@@ -155,6 +156,8 @@ impl Coordinator {
                 "--coordinator",
                 &self.grpc,
                 "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
                 "127.0.0.1:0",
                 "--id",
                 id,
@@ -948,4 +951,436 @@ async fn frames_a_full_replica_refuses_go_to_another() {
     );
     assert!(w["small"]["failures"].as_u64().unwrap() > 0, "{w:?}");
     assert_eq!(w["small"]["ejections"], 0, "overload does not eject");
+}
+
+// Lifecycle: probes, metrics and drains, with the same real processes.
+
+impl Proc {
+    /// The first log line containing `text`.
+    fn line(&self, text: &str) -> Option<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(text))
+            .cloned()
+    }
+
+    /// Waits (bounded by `limit`) for the process to exit; its status and how long it took.
+    fn wait_exit(
+        &mut self,
+        since: Instant,
+        limit: Duration,
+    ) -> (std::process::ExitStatus, Duration) {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, since.elapsed());
+            }
+            assert!(
+                since.elapsed() < limit,
+                "still running {limit:?} after the signal"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The status of a `GET`, or `None` when nothing answers.
+fn try_get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+/// `GET /metrics` at `addr`, as sample values by name with labels.
+fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    spotlight_service::metrics::parse_text(&body)
+}
+
+/// A sample's value, 0 when absent.
+fn value(m: &HashMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
+}
+
+/// The sum of every sample whose name (with labels) starts with `prefix`.
+fn sum(m: &HashMap<String, f64>, prefix: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// A worker hosting every branch, with its HTTP (probes, metrics) address.
+fn worker_with_http(c: &Coordinator, id: &str, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
+    let w = c.worker(id, env);
+    let line = w
+        .line("worker probes and metrics listening")
+        .expect("the worker logs its HTTP address");
+    let http = addr_after(&line, "\"http\"");
+    (w, http)
+}
+
+/// Every role answers `/livez`, `/readyz` and `/metrics`, and the counters move with the
+/// frames: a coordinator, a worker and an edge agent as processes; the edge streams 50
+/// test images and keeps its local API open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_answers_probes_and_metrics_and_counters_follow_the_frames() {
+    let _serial = serial().await;
+    let c = coordinator(&[]);
+    // No worker yet: alive, not ready.
+    assert_eq!(http_get(c.http, "/livez").0, 200);
+    let (status, body) = http_get(c.http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    let (mut w, w_http) = worker_with_http(&c, "w", &[]);
+    c.wait_workers(Duration::from_secs(30), "worker w", |w| w.len() == 1);
+    assert_eq!(http_get(c.http, "/readyz").0, 200);
+    assert_eq!(http_get(w_http, "/livez").0, 200);
+    let (status, body) = http_get(w_http, "/readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    // Prometheus text, with the content type scrapers expect.
+    let (status, text) = http_get(w_http, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("# TYPE spotlight_worker_queue_wait_seconds histogram"),
+        "{text}"
+    );
+
+    let (mut edge, line) = start(
+        &[
+            "edge",
+            "--coordinator",
+            &c.grpc,
+            "--listen",
+            "127.0.0.1:0",
+            "--idx-images",
+            "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+            "--limit",
+            "50",
+        ],
+        &[],
+        "local API listening",
+    );
+    let e_http = addr_after(&line, "\"addr\"");
+    assert_eq!(http_get(e_http, "/livez").0, 200);
+    // Ready once connected; the 50 frames are answered meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let edge_metrics = loop {
+        let m = scrape(e_http);
+        if value(&m, "spotlight_edge_frames_answered_total") >= 50.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "edge answered 50 frames: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(http_get(e_http, "/readyz").0, 200);
+    assert_eq!(value(&edge_metrics, "spotlight_edge_connected"), 1.0);
+    assert_eq!(
+        value(&edge_metrics, "spotlight_edge_frames_answered_total"),
+        50.0
+    );
+    assert_eq!(sum(&edge_metrics, "spotlight_edge_frame_errors_total"), 0.0);
+    assert_eq!(
+        value(&edge_metrics, "spotlight_edge_round_trip_seconds_count"),
+        50.0
+    );
+    assert_eq!(
+        value(&edge_metrics, "spotlight_edge_encode_seconds_count"),
+        50.0
+    );
+    assert!(value(&edge_metrics, "spotlight_edge_backbone_seconds_count") >= 1.0);
+    assert!(
+        value(
+            &edge_metrics,
+            "spotlight_edge_wire_bytes_total{direction=\"out\"}"
+        ) > 0.0
+    );
+    assert!(
+        value(
+            &edge_metrics,
+            "spotlight_edge_wire_bytes_total{direction=\"in\"}"
+        ) > 0.0
+    );
+    assert_eq!(value(&edge_metrics, "spotlight_edge_task_version"), 1.0);
+
+    let cm = scrape(c.http);
+    assert_eq!(
+        value(&cm, "spotlight_coordinator_frames_received_total"),
+        50.0
+    );
+    assert_eq!(
+        value(&cm, "spotlight_coordinator_frames_answered_total"),
+        50.0
+    );
+    assert_eq!(sum(&cm, "spotlight_coordinator_frame_errors_total"), 0.0);
+    assert_eq!(
+        value(&cm, "spotlight_coordinator_frame_seconds_count"),
+        50.0
+    );
+    assert_eq!(
+        value(
+            &cm,
+            "spotlight_coordinator_segments_run_total{segment=\"tops\"}"
+        ),
+        50.0
+    );
+    assert_eq!(
+        value(
+            &cm,
+            "spotlight_coordinator_live_replicas{segment=\"footwear\"}"
+        ),
+        1.0
+    );
+    assert!(value(&cm, "spotlight_coordinator_cloud_macs_total") > 0.0);
+    assert_eq!(value(&cm, "spotlight_coordinator_ready"), 1.0);
+    assert_eq!(value(&cm, "spotlight_coordinator_task_version"), 1.0);
+
+    let wm = scrape(w_http);
+    assert_eq!(
+        value(&wm, "spotlight_worker_frames_received_total{worker=\"w\"}"),
+        50.0
+    );
+    assert_eq!(
+        value(&wm, "spotlight_worker_frames_answered_total{worker=\"w\"}"),
+        50.0
+    );
+    assert_eq!(
+        value(
+            &wm,
+            "spotlight_worker_segment_frames_total{worker=\"w\",segment=\"footwear\"}"
+        ),
+        50.0
+    );
+    assert_eq!(
+        value(
+            &wm,
+            "spotlight_worker_queue_wait_seconds_count{worker=\"w\"}"
+        ),
+        50.0
+    );
+    assert_eq!(
+        value(&wm, "spotlight_worker_queue_depth{worker=\"w\"}"),
+        0.0
+    );
+    assert_eq!(value(&wm, "spotlight_worker_ready{worker=\"w\"}"), 1.0);
+
+    // Both stop cleanly on SIGTERM.
+    edge.signal("TERM");
+    let (status, _) =
+        tokio::task::block_in_place(|| edge.wait_exit(Instant::now(), Duration::from_secs(15)));
+    assert!(status.success(), "edge exit {status:?}");
+    w.signal("TERM");
+    let (status, took) =
+        tokio::task::block_in_place(|| w.wait_exit(Instant::now(), Duration::from_secs(15)));
+    assert!(status.success(), "worker exit {status:?}");
+    eprintln!("probes: worker idle drain took {:.0} ms", ms(took));
+}
+
+/// SIGTERM to a worker under load while another replica serves its branches: it turns
+/// unready, deregisters, answers the frames it already has, and exits 0 within its drain
+/// timeout; every frame is predicted, none fails, and the coordinator counts no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_with_sigterm_under_load_drains_and_loses_no_frame() {
+    let _serial = serial().await;
+    const DRAIN_MS: u64 = 5000;
+    let drain_ms = DRAIN_MS.to_string();
+    let c = coordinator(&[]);
+    let (mut a, a_http) = worker_with_http(
+        &c,
+        "a",
+        &[("SPOTLIGHT_WORKER__DRAIN_TIMEOUT_MS", drain_ms.as_str())],
+    );
+    let _b = c.worker("b", &[]);
+    c.wait_workers(Duration::from_secs(30), "two workers", |w| w.len() == 2);
+    let (ea, eb) = (endpoint(&c, "a"), endpoint(&c, "b"));
+    assert_eq!(http_get(a_http, "/readyz").0, 200);
+
+    let load = Load::start(&c.grpc, 32, Some(3000)).await;
+    load.wait_answered(1000).await;
+    let (ra, rb) = (worker_requests(&ea).await, worker_requests(&eb).await);
+    assert!(
+        ra > 0 && rb > 0,
+        "both replicas serve before the drain: a={ra} b={rb}"
+    );
+    a.signal("TERM");
+    let term = Instant::now();
+    // Unready while it drains (if it is still up by the time it has seen the signal).
+    let ready_during_drain = tokio::task::block_in_place(|| {
+        while a.child.try_wait().unwrap().is_none() && term.elapsed() < Duration::from_secs(5) {
+            match try_get(a_http, "/readyz") {
+                Some(200) => std::thread::sleep(Duration::from_millis(1)),
+                other => return other,
+            }
+        }
+        None
+    });
+    let (status, took) = tokio::task::block_in_place(|| a.wait_exit(term, Duration::from_secs(15)));
+    let answers = load.finish().await;
+    let predictions = answers.iter().filter(|x| x.code == 0).count();
+    let errors: Vec<_> = answers.iter().filter(|x| x.code != 0).collect();
+    let after = answers.iter().filter(|x| x.at > term).count();
+    let handed_back = a.logged("handed back");
+    let cm = scrape(c.http);
+    eprintln!(
+        "sigterm: worker a exited {:.0} ms after SIGTERM (status {status:?}, drain_timeout_ms \
+         {DRAIN_MS}); /readyz during the drain: {ready_during_drain:?}; {} frames, \
+         {predictions} predictions, {} errors, {after} answered after the signal; coordinator \
+         re-routed {} frames ({} handed back); hand-back logged: {handed_back}",
+        ms(took),
+        answers.len(),
+        errors.len(),
+        sum(&cm, "spotlight_coordinator_rerouted_frames_total"),
+        value(
+            &cm,
+            "spotlight_coordinator_rerouted_frames_total{reason=\"handed_back\"}"
+        ),
+    );
+    assert!(status.success(), "worker exit status {status:?}");
+    assert!(
+        took < Duration::from_millis(DRAIN_MS),
+        "exited after {took:?}, past its drain timeout"
+    );
+    assert!(a.logged("deregistered"), "it deregistered");
+    assert!(
+        ready_during_drain.is_none_or(|s| s == 503),
+        "/readyz while draining: {ready_during_drain:?}"
+    );
+    assert_eq!(answers.len(), 3000);
+    assert!(
+        errors.is_empty(),
+        "no frame fails: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert!(
+        after > 500,
+        "the drain happens mid-stream ({after} after it)"
+    );
+    assert_eq!(sum(&cm, "spotlight_coordinator_frame_errors_total"), 0.0);
+    assert_eq!(
+        value(&cm, "spotlight_coordinator_frames_answered_total"),
+        3000.0
+    );
+    // a left cleanly: gone from the registry, never ejected, b took the rest.
+    assert!(!c.workers().contains_key("a"));
+    assert!(worker_requests(&eb).await > rb);
+}
+
+/// A draining worker that cannot finish its queue in time hands the frames back: queued
+/// behind a 1 s batching delay, they are answered UNAVAILABLE when the drain time is
+/// nearly over, and the coordinator runs them on the other replica. No frame fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_hands_back_what_it_cannot_finish_and_no_frame_fails() {
+    let _serial = serial().await;
+    const DRAIN_MS: u64 = 600;
+    let drain_ms = DRAIN_MS.to_string();
+    let c = coordinator(&[]);
+    let (mut slow, _) = worker_with_http(
+        &c,
+        "slow",
+        &[
+            ("SPOTLIGHT_WORKER__DRAIN_TIMEOUT_MS", drain_ms.as_str()),
+            // Frames wait up to 1 s in its queue for a batch of 4096 to fill.
+            ("SPOTLIGHT_WORKER__MAX_QUEUE_DELAY_US", "1000000"),
+            ("SPOTLIGHT_WORKER__MAX_BATCH", "4096"),
+        ],
+    );
+    let _fast = c.worker("fast", &[]);
+    c.wait_workers(Duration::from_secs(30), "two workers", |w| w.len() == 2);
+
+    let load = Load::start(&c.grpc, 32, Some(2000)).await;
+    load.wait_answered(300).await;
+    slow.signal("TERM");
+    let term = Instant::now();
+    let (status, took) =
+        tokio::task::block_in_place(|| slow.wait_exit(term, Duration::from_secs(15)));
+    let answers = load.finish().await;
+    let errors: Vec<_> = answers.iter().filter(|x| x.code != 0).collect();
+    let cm = scrape(c.http);
+    let handed_back = value(
+        &cm,
+        "spotlight_coordinator_rerouted_frames_total{reason=\"handed_back\"}",
+    );
+    eprintln!(
+        "hand-back: slow exited {:.0} ms after SIGTERM (drain_timeout_ms {DRAIN_MS}); \
+         {} frames, {} errors; coordinator re-ran {handed_back} handed-back frames; log: {:?}",
+        ms(took),
+        answers.len(),
+        errors.len(),
+        slow.line("handed back")
+    );
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took < Duration::from_millis(DRAIN_MS + 500),
+        "exited after {took:?}"
+    );
+    assert!(
+        handed_back > 0.0,
+        "frames were queued on the slow worker at the end of its drain"
+    );
+    assert_eq!(answers.len(), 2000);
+    assert!(
+        errors.is_empty(),
+        "no frame fails: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(sum(&cm, "spotlight_coordinator_frame_errors_total"), 0.0);
+}
+
+/// `spotlight up` runs every role in one process; the coordinator's `GET /metrics` serves
+/// all of them: coordinator, each worker (by its `worker` label) and the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spotlight_up_serves_every_role_s_metrics_on_the_coordinator() {
+    let _serial = serial().await;
+    let (mut up, line) = start(
+        &[
+            "up",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--limit",
+            "200",
+            "--switch-to",
+            "none",
+            "--serve",
+        ],
+        &[],
+        "serving until Ctrl-C",
+    );
+    let http = addr_after(&line, "curl -s ");
+    let m = scrape(http);
+    assert_eq!(value(&m, "spotlight_edge_frames_answered_total"), 200.0);
+    assert_eq!(
+        value(&m, "spotlight_coordinator_frames_answered_total"),
+        200.0
+    );
+    for worker in ["tops-0", "footwear-0", "other-0"] {
+        assert_eq!(
+            value(
+                &m,
+                &format!("spotlight_worker_frames_answered_total{{worker=\"{worker}\"}}")
+            ),
+            200.0,
+            "{worker}"
+        );
+    }
+    // Each family once, whatever shares the registry.
+    let (_, text) = http_get(http, "/metrics");
+    assert_eq!(
+        text.matches("# TYPE spotlight_worker_frames_received_total counter")
+            .count(),
+        1
+    );
+    up.signal("TERM");
+    let (status, _) =
+        tokio::task::block_in_place(|| up.wait_exit(Instant::now(), Duration::from_secs(30)));
+    assert!(status.success(), "exit {status:?}");
 }

@@ -57,6 +57,7 @@ pub fn worker_overrides(a: &WorkerArgs) -> Vec<(String, String)> {
     let mut o = Vec::new();
     push(&mut o, "worker.coordinator", a.coordinator.as_ref());
     push(&mut o, "worker.listen", a.listen.as_ref());
+    push(&mut o, "worker.http_listen", a.http_listen.as_ref());
     push(&mut o, "worker.advertise", a.advertise.as_ref());
     push(&mut o, "worker.worker_id", a.id.as_ref());
     if let Some(b) = &a.branches {
@@ -95,10 +96,17 @@ pub async fn worker(settings: Settings) -> anyhow::Result<()> {
     let model = load_model(&settings)?;
     let mut w = settings.worker;
     w.security = security;
-    let listener = TcpListener::bind(w.listen)
+    let grpc = TcpListener::bind(w.listen)
         .await
         .with_context(|| format!("binding {}", w.listen))?;
-    spotlight_worker::run(w, model, listener, shutdown_signal()).await?;
+    let http = TcpListener::bind(w.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP {}", w.http_listen))?;
+    let listeners = spotlight_worker::WorkerListeners {
+        grpc,
+        http: Some(http),
+    };
+    spotlight_worker::run(w, model, listeners, shutdown_signal()).await?;
     Ok(())
 }
 

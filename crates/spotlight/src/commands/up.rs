@@ -89,10 +89,13 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
 
     // Workers stop before the coordinator, so that they can still deregister with it.
     let (stop_coordinator, stop_workers) = (Shutdown::new(), Shutdown::new());
+    // One registry for every role: the coordinator's GET /metrics serves them all.
+    let metrics = spotlight_service::Metrics::new();
 
     // Coordinator.
     let mut c = settings.coordinator.clone();
     c.security = security(Role::Coordinator)?;
+    c.metrics = metrics.clone();
     let grpc = TcpListener::bind(loopback(c.grpc_listen))
         .await
         .with_context(|| {
@@ -136,6 +139,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
                 branches: vec![root.clone()],
                 advertise: None,
                 security: security(Role::Worker)?,
+                metrics: metrics.clone(),
                 ..settings.worker.clone()
             };
             workers.push(tokio::spawn(spotlight_worker::run(
@@ -210,6 +214,7 @@ pub async fn run(settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         let options = RunOptions {
             progress: Some(progress_tx),
             security: security(Role::Edge)?,
+            metrics: metrics.clone(),
             ..RunOptions::default()
         };
         let summary =
