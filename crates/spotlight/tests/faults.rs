@@ -1016,7 +1016,8 @@ fn sum(m: &HashMap<String, f64>, prefix: &str) -> f64 {
     m.iter()
         .filter(|(k, _)| k.starts_with(prefix))
         .map(|(_, v)| v)
-        .sum()
+        .sum::<f64>()
+        + 0.0
 }
 
 /// A worker hosting every branch, with its HTTP (probes, metrics) address.
@@ -1143,14 +1144,16 @@ async fn every_role_answers_probes_and_metrics_and_counters_follow_the_frames() 
     assert_eq!(value(&cm, "spotlight_coordinator_ready"), 1.0);
     assert_eq!(value(&cm, "spotlight_coordinator_task_version"), 1.0);
 
+    // The worker hosts the three top-level branches; the coordinator sends it each frame
+    // once per branch.
     let wm = scrape(w_http);
     assert_eq!(
         value(&wm, "spotlight_worker_frames_received_total{worker=\"w\"}"),
-        50.0
+        150.0
     );
     assert_eq!(
         value(&wm, "spotlight_worker_frames_answered_total{worker=\"w\"}"),
-        50.0
+        150.0
     );
     assert_eq!(
         value(
@@ -1164,7 +1167,7 @@ async fn every_role_answers_probes_and_metrics_and_counters_follow_the_frames() 
             &wm,
             "spotlight_worker_queue_wait_seconds_count{worker=\"w\"}"
         ),
-        50.0
+        150.0
     );
     assert_eq!(
         value(&wm, "spotlight_worker_queue_depth{worker=\"w\"}"),
@@ -1352,7 +1355,11 @@ async fn spotlight_up_serves_every_role_s_metrics_on_the_coordinator() {
             "none",
             "--serve",
         ],
-        &[],
+        // With --serve the edge streams only the source it is given.
+        &[(
+            "SPOTLIGHT_EDGE__SOURCE__IDX__IMAGES",
+            "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+        )],
         "serving until Ctrl-C",
     );
     let http = addr_after(&line, "curl -s ");
