@@ -385,8 +385,8 @@ impl Sandbox {
     /// workers register again by themselves.
     pub async fn restart_coordinator(&mut self) {
         self.stop_coordinator().await;
-        let grpc = TcpListener::bind(self.grpc).await.expect("rebind gRPC");
-        let http = TcpListener::bind(self.http).await.expect("rebind HTTP");
+        let grpc = rebind(self.grpc).await;
+        let http = rebind(self.http).await;
         let (tx, join) = spawn_coordinator(
             self.config.clone(),
             self.model.clone(),
@@ -416,6 +416,22 @@ impl Sandbox {
             w.stop().await;
         }
         self.stop_coordinator().await;
+    }
+}
+
+/// Binds `addr` again once a stopped server has let go of it: its accept task ends on the
+/// runtime's next turn, not when `run` returns (≤ 2 s).
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "rebind {addr}: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("rebind {addr}: {e}"),
+        }
     }
 }
 
