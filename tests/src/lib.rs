@@ -427,7 +427,11 @@ async fn rebind(addr: SocketAddr) -> TcpListener {
         match TcpListener::bind(addr).await {
             Ok(l) => return l,
             Err(e) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "rebind {addr}: {e}");
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::AddrInUse,
+                    "rebind {addr}: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(e) => panic!("rebind {addr}: {e}"),
