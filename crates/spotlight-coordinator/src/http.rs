@@ -145,7 +145,9 @@ async fn workers(State(s): State<Arc<Shared>>) -> Json<Value> {
                 "worker_id": w.worker_id, "endpoint": w.endpoint,
                 "segments": w.segments.iter().map(|&i| &m.segments()[i].id).collect::<Vec<_>>(),
                 "outstanding": w.outstanding.load(std::sync::atomic::Ordering::Relaxed),
-                "lease_remaining_ms": w.lease_remaining().as_millis() as u64,
+                // A lease kept in etcd: etcd knows its time left, this replica does not.
+                "lease_remaining_ms": (!w.shared).then(|| w.lease_remaining().as_millis() as u64),
+                "lease_in_etcd": w.shared,
                 "failures": w.failures.load(std::sync::atomic::Ordering::Relaxed),
                 "consecutive_failures": health.consecutive_failures,
                 "ejections": health.ejections,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use spotlight_coordinator::CoordinatorConfig;
+use spotlight_coordinator::cluster::ClusterConfig;
 use spotlight_edge::EdgeConfig;
 use spotlight_service::SecurityConfig;
 use spotlight_worker::WorkerConfig;
@@ -22,6 +23,7 @@ pub struct Settings {
     /// TLS and credentials of this process (`spotlight certs` writes a development set).
     pub security: SecurityConfig,
     pub coordinator: CoordinatorConfig,
+    pub cluster: ClusterConfig,
     pub worker: WorkerConfig,
     pub edge: EdgeConfig,
     pub up: UpSettings,
@@ -35,6 +37,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             security: SecurityConfig::default(),
             coordinator: CoordinatorConfig::default(),
+            cluster: ClusterConfig::default(),
             worker: WorkerConfig::default(),
             edge: EdgeConfig::default(),
             up: UpSettings::default(),
@@ -121,6 +124,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("worker.branches")
                 .with_list_parse_key("up.switch_to")
+                .with_list_parse_key("cluster.etcd")
                 .source(Some(env)),
         );
         for (key, value) in &sources.overrides {
@@ -138,6 +142,13 @@ impl Settings {
 
     fn validate(&self) -> Result<(), String> {
         self.coordinator.validate()?;
+        self.cluster.validate()?;
+        if self.cluster.enabled() && self.coordinator.state_file.is_some() {
+            return Err(
+                "coordinator.state_file and cluster.etcd are exclusive: with etcd the task lives in etcd"
+                    .into(),
+            );
+        }
         if !(0.0..=1.0).contains(&self.up.switch_at) {
             return Err(format!(
                 "up.switch_at must be within 0..1, got {}",
