@@ -32,6 +32,8 @@ pub struct WorkerEntry {
     pub link: WorkerLink,
     /// Frames in flight to this worker.
     pub outstanding: AtomicU32,
+    /// Frames sent to it since it registered (each frame once per call that carried it).
+    pub routed: AtomicU64,
     /// Calls to it that failed because of it, since it registered.
     pub failures: AtomicU64,
     /// Its lease is kept by the replicas' shared store (etcd), not by this process.
@@ -195,6 +197,7 @@ pub struct InFlight(Arc<WorkerEntry>, u32);
 impl InFlight {
     pub fn new(worker: Arc<WorkerEntry>, frames: u32) -> Self {
         worker.outstanding.fetch_add(frames, Ordering::Relaxed);
+        worker.routed.fetch_add(u64::from(frames), Ordering::Relaxed);
         Self(worker, frames)
     }
 }
@@ -379,6 +382,7 @@ impl Registry {
                 self.open_timeout,
             ),
             outstanding: AtomicU32::new(0),
+            routed: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             shared: ttl.is_none(),
             expires: Mutex::new(expires),
