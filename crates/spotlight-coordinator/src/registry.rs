@@ -197,7 +197,9 @@ pub struct InFlight(Arc<WorkerEntry>, u32);
 impl InFlight {
     pub fn new(worker: Arc<WorkerEntry>, frames: u32) -> Self {
         worker.outstanding.fetch_add(frames, Ordering::Relaxed);
-        worker.routed.fetch_add(u64::from(frames), Ordering::Relaxed);
+        worker
+            .routed
+            .fetch_add(u64::from(frames), Ordering::Relaxed);
         Self(worker, frames)
     }
 }

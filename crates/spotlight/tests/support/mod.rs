@@ -59,7 +59,25 @@ impl Proc {
 /// Starts a role with JSON logs and `env`; returns it with its first log line containing
 /// `marker` (30 s at most).
 pub fn start(args: &[&str], env: &[(&str, &str)], marker: &str) -> (Proc, String) {
-    let mut child = Command::new(BIN)
+    start_in(None, args, env, marker)
+}
+
+/// Like [`start`], inside the network namespace `netns` (`ip netns exec`) when given.
+pub fn start_in(
+    netns: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+    marker: &str,
+) -> (Proc, String) {
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let mut child = command
         .arg("--insecure")
         .args(args)
         .args(["--log-format", "json"])
