@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Render every kustomization under deploy/k8s and validate it offline: no cluster needed.
+#
+#   scripts/k8s-validate.sh          check (CI runs this)
+#   scripts/k8s-validate.sh --sync   first copy configs/{coordinator,worker,edge}.toml into
+#                                    deploy/k8s/base/config/, then check
+#
+# Checks, in order; any failure makes the exit status non-zero:
+#   1. deploy/k8s/base/config/*.toml are byte-for-byte copies of configs/ (kustomize reads
+#      no file outside its directory, so the ConfigMap is generated from these copies);
+#   2. `kubectl kustomize` renders the base, every overlay, and prod with the optional
+#      queue-depth autoscaling component;
+#   3. deploy/k8s/create-secrets.sh produces the three Secrets (from placeholder files);
+#   4. every rendered object validates against the Kubernetes OpenAPI schemas in strict
+#      mode (unknown fields are errors), for each version in K8S_VERSIONS, with PyPI's
+#      kubernetes-validate in a virtual environment made on first use;
+#   5. deploy/k8s/check.py: what a schema cannot say (service links off, non-root,
+#      probes, grace period over the drain timeout, a worker group per top-level branch of
+#      the model with an autoscaler and a disruption budget, Services that select pods
+#      with the named ports, secret files that create-secrets.sh provides, etcd with
+#      several coordinators, namespaces).
+#
+# Environment: K8S_VERSIONS ["1.30.0 1.35.0"], K8S_VENV [build/venv-k8s].
+# Needs kubectl (for `kubectl kustomize`), python3 with venv, and PyPI on first use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+K8S_VERSIONS=${K8S_VERSIONS:-"1.30.0 1.35.0"}
+VENV=${K8S_VENV:-build/venv-k8s}
+VALIDATOR=kubernetes-validate==1.37.0
+OUT=build/k8s
+CONFIGS=(coordinator worker edge)
+started=$SECONDS
+fail=0
+
+step() { printf '== k8s: %s\n' "$*"; }
+bad() { printf '  FAIL %s\n' "$*"; fail=1; }
+
+if [ "${1:-}" = "--sync" ]; then
+  for c in "${CONFIGS[@]}"; do cp "configs/$c.toml" "deploy/k8s/base/config/$c.toml"; done
+  echo "copied configs/{$(IFS=,; echo "${CONFIGS[*]}")}.toml to deploy/k8s/base/config/"
+elif [ $# -gt 0 ]; then
+  echo "usage: scripts/k8s-validate.sh [--sync]" >&2; exit 2
+fi
+
+step "config copies equal configs/"
+for c in "${CONFIGS[@]}"; do
+  if cmp -s "configs/$c.toml" "deploy/k8s/base/config/$c.toml"; then
+    echo "  ok   deploy/k8s/base/config/$c.toml"
+  else
+    bad "deploy/k8s/base/config/$c.toml differs from configs/$c.toml (run scripts/k8s-validate.sh --sync):"
+    diff -u "configs/$c.toml" "deploy/k8s/base/config/$c.toml" | sed 's/^/       /' | head -20 || true
+  fi
+done
+
+command -v kubectl >/dev/null || { echo "k8s-validate: kubectl is needed for 'kubectl kustomize'" >&2; exit 1; }
+
+step "render ($(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: /kustomize /p'))"
+rm -rf "$OUT" && mkdir -p "$OUT/rendered" "$OUT/prod-queue-depth" "$OUT/placeholder-secrets"
+# prod with the optional component, as an operator would enable it.
+cat > "$OUT/prod-queue-depth/kustomization.yaml" <<'EOF'
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../../../deploy/k8s/overlays/prod
+components:
+  - ../../../deploy/k8s/components/queue-depth-hpa
+EOF
+renders=(base=deploy/k8s/base)
+for o in deploy/k8s/overlays/*/; do o=${o%/}; renders+=("${o##*/}=$o"); done
+renders+=(prod-queue-depth="$OUT/prod-queue-depth")
+rendered=()
+for r in "${renders[@]}"; do
+  name=${r%%=*} dir=${r#*=} file="$OUT/rendered/${r%%=*}.yaml"
+  if kubectl kustomize "$dir" > "$file" 2> "$file.err"; then
+    echo "  ok   $dir: $(grep -c '^kind:' "$file") objects ($(grep '^kind:' "$file" | sort | uniq -c | awk '{printf "%s%s %s", sep, $1, $3; sep=", "}'))"
+    rendered+=("$name=$file")
+  else
+    bad "$dir does not render:"; sed 's/^/       /' "$file.err"
+  fi
+done
+
+step "secrets from deploy/k8s/create-secrets.sh"
+for f in ca.pem coordinator.pem coordinator.key tokens.toml coordinator.token worker.pem \
+         worker.key worker.token edge.pem edge.key edge.token; do
+  echo placeholder > "$OUT/placeholder-secrets/$f"
+done
+secrets=$OUT/rendered/secrets.yaml
+if deploy/k8s/create-secrets.sh --from "$OUT/placeholder-secrets" -n spotlight --print > "$secrets"; then
+  echo "  ok   $(grep -c '^kind: Secret' "$secrets") Secrets: $(sed -n 's/^  name: //p' "$secrets" | paste -sd, -)"
+else
+  bad "create-secrets.sh --print failed"
+fi
+
+step "schemas ($VALIDATOR, strict, Kubernetes $K8S_VERSIONS)"
+if ! "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "${VALIDATOR#*==}"; then
+  echo "  installing $VALIDATOR into $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$VALIDATOR"
+fi
+for v in $K8S_VERSIONS; do
+  for f in "$OUT"/rendered/*.yaml; do
+    n=$(grep -c '^kind:' "$f")
+    if log=$("$VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$f" 2>&1); then
+      echo "  ok   $v ${f##*/}: $n objects"
+    else
+      bad "$v ${f##*/}:"; printf '%s\n' "$log" | sed 's/^/       /'
+    fi
+  done
+done
+
+step "manifest checks (deploy/k8s/check.py)"
+if [ ${#rendered[@]} -gt 0 ]; then
+  "$VENV/bin/python" deploy/k8s/check.py \
+    --model-manifest models/fashion-mnist-nested/manifest.json \
+    --configs deploy/k8s/base/config --secrets "$secrets" "${rendered[@]}" || fail=1
+fi
+
+if [ "$fail" = 0 ]; then
+  step "all passed in $((SECONDS - started)) s (rendered manifests in $OUT/rendered)"
+else
+  step "FAILED (see FAIL lines above)"
+fi
+exit "$fail"
