@@ -18,7 +18,10 @@
 #      probes, grace period over the drain timeout, a worker group per top-level branch of
 #      the model with an autoscaler and a disruption budget, Services that select pods
 #      with the named ports, secret files that create-secrets.sh provides, etcd with
-#      several coordinators, namespaces).
+#      several coordinators, namespaces);
+#   6. deploy/systemd: `systemd-analyze verify` and an exposure level of at most 2.0 for
+#      the edge unit (skipped without systemd-analyze); the example edge.toml uses only
+#      keys of configs/edge.toml.
 #
 # Environment: K8S_VERSIONS ["1.30.0 1.35.0"], K8S_VENV [build/venv-k8s].
 # Needs kubectl (for `kubectl kustomize`), python3 with venv, and PyPI on first use.
@@ -116,6 +119,38 @@ if [ ${#rendered[@]} -gt 0 ]; then
     --model-manifest models/fashion-mnist-nested/manifest.json \
     --configs deploy/k8s/base/config --secrets "$secrets" "${rendered[@]}" || fail=1
 fi
+
+step "systemd unit for bare devices (deploy/systemd)"
+unit=deploy/systemd/spotlight-edge.service
+if command -v systemd-analyze >/dev/null; then
+  # The binary is not installed here; every other complaint is a defect of the unit.
+  # --threshold counts tenths: 20 is an exposure level of 2.0 (0 best, 10 worst).
+  log=$(systemd-analyze verify "$unit" 2>&1 | grep -v 'Command /usr/local/bin/spotlight is not executable' || true)
+  if [ -z "$log" ]; then echo "  ok   systemd-analyze verify $unit"
+  else bad "systemd-analyze verify $unit:"; printf '%s\n' "$log" | sed 's/^/       /'; fi
+  if exposure=$(systemd-analyze security --offline=yes --threshold=20 "$unit" 2>&1); then
+    echo "  ok   exposure $(printf '%s\n' "$exposure" | sed -n 's/.*exposure level for [^:]*: \([0-9.]*\).*/\1/p') (at most 2.0)"
+  else
+    bad "systemd-analyze security: exposure above 2.0:"; printf '%s\n' "$exposure" | grep '✗' | sed 's/^/       /'
+  fi
+else
+  echo "  skipped systemd-analyze checks: systemd-analyze is not installed"
+fi
+# The example config only uses keys of the reference file.
+if "$VENV/bin/python" - deploy/systemd/edge.toml configs/edge.toml <<'EOF'
+import re, sys, tomllib
+example, reference = sys.argv[1], sys.argv[2]
+cfg = tomllib.load(open(example, "rb"))
+known = set(re.findall(r"^#?\s*([a-z_]+)\s*=", open(reference).read(), re.M))
+sections = set(re.findall(r"^#?\s*\[([a-z_.]+)\]", open(reference).read(), re.M))
+unknown = [k for k, v in cfg.items() if not isinstance(v, dict) and k not in known]
+unknown += [f"{s}.{k}" for s, t in cfg.items() if isinstance(t, dict) for k in t if k not in known]
+unknown += [s for s, t in cfg.items() if isinstance(t, dict) and s not in sections]
+if unknown:
+    sys.exit(f"  FAIL {example}: keys not in {reference}: {', '.join(unknown)}")
+print(f"  ok   {example}: valid TOML, every key in {reference}")
+EOF
+then :; else fail=1; fi
 
 if [ "$fail" = 0 ]; then
   step "all passed in $((SECONDS - started)) s (rendered manifests in $OUT/rendered)"
