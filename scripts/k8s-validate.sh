@@ -4,6 +4,8 @@
 #   scripts/k8s-validate.sh          check (CI runs this)
 #   scripts/k8s-validate.sh --sync   first copy configs/{coordinator,worker,edge}.toml into
 #                                    deploy/k8s/base/config/, then check
+#   scripts/k8s-validate.sh --smoke  also run the dev overlay's pods as local processes
+#                                    (needs a built binary and ONNX Runtime; step 7)
 #
 # Checks, in order; any failure makes the exit status non-zero:
 #   1. deploy/k8s/base/config/*.toml are byte-for-byte copies of configs/ (kustomize reads
@@ -21,7 +23,12 @@
 #      several coordinators, namespaces);
 #   6. deploy/systemd: `systemd-analyze verify` and an exposure level of at most 2.0 for
 #      the edge unit (skipped without systemd-analyze); the example edge.toml uses only
-#      keys of configs/edge.toml.
+#      keys of configs/edge.toml;
+#   7. with --smoke, deploy/k8s/smoke.py: coordinator, a worker per group and an edge
+#      started with the rendered dev pods' args, config and environment (loopback
+#      addresses, fresh dev credentials): every probe answers 200, the workers register
+#      their groups, an edge streams 300 frames without error, SIGTERM exits 0 in the
+#      grace period. Binary: $SPOTLIGHT, else target/release or target/debug.
 #
 # Environment: K8S_VERSIONS ["1.30.0 1.35.0"], K8S_VENV [build/venv-k8s].
 # Needs kubectl (for `kubectl kustomize`), python3 with venv, and PyPI on first use.
@@ -39,11 +46,17 @@ fail=0
 step() { printf '== k8s: %s\n' "$*"; }
 bad() { printf '  FAIL %s\n' "$*"; fail=1; }
 
-if [ "${1:-}" = "--sync" ]; then
+sync=0 smoke=0
+for arg in "$@"; do
+  case "$arg" in
+    --sync) sync=1 ;;
+    --smoke) smoke=1 ;;
+    *) echo "usage: scripts/k8s-validate.sh [--sync] [--smoke]" >&2; exit 2 ;;
+  esac
+done
+if [ "$sync" = 1 ]; then
   for c in "${CONFIGS[@]}"; do cp "configs/$c.toml" "deploy/k8s/base/config/$c.toml"; done
   echo "copied configs/{$(IFS=,; echo "${CONFIGS[*]}")}.toml to deploy/k8s/base/config/"
-elif [ $# -gt 0 ]; then
-  echo "usage: scripts/k8s-validate.sh [--sync]" >&2; exit 2
 fi
 
 step "config copies equal configs/"
@@ -151,6 +164,20 @@ if unknown:
 print(f"  ok   {example}: valid TOML, every key in {reference}")
 EOF
 then :; else fail=1; fi
+
+if [ "$smoke" = 1 ]; then
+  step "smoke: the dev overlay's pods as local processes (deploy/k8s/smoke.py)"
+  bin=${SPOTLIGHT:-}
+  for b in target/release/spotlight target/debug/spotlight; do
+    [ -z "$bin" ] && [ -x "$b" ] && bin=$b
+  done
+  export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/build/onnxruntime/libonnxruntime.so}
+  if [ -z "$bin" ] || [ ! -f "$ORT_DYLIB_PATH" ] || [ ! -f "$OUT/rendered/dev.yaml" ]; then
+    bad "--smoke needs a built spotlight (or SPOTLIGHT=PATH), ONNX Runtime (make onnxruntime) and the dev render"
+  else
+    "$VENV/bin/python" deploy/k8s/smoke.py "$OUT/rendered/dev.yaml" --bin "$bin" --work "$OUT/smoke" || fail=1
+  fi
+fi
 
 if [ "$fail" = 0 ]; then
   step "all passed in $((SECONDS - started)) s (rendered manifests in $OUT/rendered)"
