@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Builds the spotlight container image (deploy/Containerfile) from Debian packages alone and
+# smoke-tests it: `spotlight --version`, the non-root user, the model mounted from outside,
+# and a short `spotlight up` (every role in one container, TLS on, Fashion-MNIST mounted
+# read-only). Idempotent and CI-safe (no input); see docs/container.md.
+#
+#   scripts/image.sh
+#
+# Steps: install podman, runc and mmdebstrap with apt where missing; make two base images
+# with mmdebstrap (a build base with unzip and binutils, a runtime base with only libc,
+# libgcc and libstdc++), cached as tarballs under build/image/ and as images keyed by their
+# recipe; build the image with podman (--storage-driver vfs, runc, no network); run it.
+#
+# Environment:
+#   SPOTLIGHT_BIN=PATH            use this spotlight binary instead of
+#                                 `cargo build --release --bin spotlight`
+#   SPOTLIGHT_IMAGE=NAME          image to build [localhost/spotlight:latest]
+#   SPOTLIGHT_IMAGE_FRAMES=N      frames the `spotlight up` check streams [2000]
+#   SPOTLIGHT_IMAGE_SUITE=NAME    Debian suite of the bases [the host's, else bookworm]
+#   SPOTLIGHT_IMAGE_STRICT=1      a skip (no root, podman unusable here) fails instead
+#   SPOTLIGHT_PODMAN_ROOT=DIR     podman storage root [podman's default]
+#   CONTAINERS_CONF=FILE          podman engine settings [deploy/containers.conf]
+#
+# Exit status: 0 built and checked, or skipped (the reason is printed on a line starting
+# with "SKIP"); 1 a step failed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+IMAGE=${SPOTLIGHT_IMAGE:-localhost/spotlight:latest}
+FRAMES=${SPOTLIGHT_IMAGE_FRAMES:-2000}
+STRICT=${SPOTLIGHT_IMAGE_STRICT:-0}
+DATASET=/usr/share/datasets/fashion-mnist
+ORT_VERSION=1.31.1
+WORK=build/image
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/deploy/containers.conf}
+export ORT_DISABLE_TELEMETRY=1 DEBIAN_FRONTEND=noninteractive
+
+START=$SECONDS
+trap 'echo "FAIL image: line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
+PHASE_START=$SECONDS
+trap 'echo "FAIL image: line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
+step() {
+    echo "== image: $* (at ${SECONDS}s)"
+    PHASE_START=$SECONDS
+trap 'echo "FAIL image: line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
+}
+done_step() { echo "   ($((SECONDS - PHASE_START)) s)"; }
+skip() {
+    echo "SKIP image: $*"
+    if [ "$STRICT" = 1 ]; then
+        echo "SPOTLIGHT_IMAGE_STRICT=1: a skip is a failure" >&2
+        exit 1
+    fi
+    exit 0
+}
+fail() {
+    echo "FAIL image: $*" >&2
+    exit 1
+}
+
+pod() {
+    local flags=(--storage-driver vfs)
+    if [ -n "${SPOTLIGHT_PODMAN_ROOT:-}" ]; then
+        flags+=(--root "$SPOTLIGHT_PODMAN_ROOT/storage" --runroot "$SPOTLIGHT_PODMAN_ROOT/run")
+    fi
+    podman "${flags[@]}" "$@"
+}
+
+# ---------------------------------------------------------------------------------------
+step "prerequisites"
+[ "$(uname -m)" = x86_64 ] || skip "the image recipe is for x86_64 hosts (this is $(uname -m))"
+[ "$(id -u)" = 0 ] || skip "needs root (mmdebstrap's root mode and rootful podman); run it with sudo"
+
+need=()
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+[ -f "$DATASET/t10k-images-idx3-ubyte.gz" ] || need+=(dataset-fashion-mnist)
+if [ ${#need[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || skip "missing ${need[*]} and no apt-get to install them"
+    echo "installing: ${need[*]}"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    # No recommends: crun (refused here), CNI plugins and fuse-overlayfs are not needed.
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! info_err=$(pod info 2>&1 >/dev/null); then
+    skip "podman cannot start here: $(printf '%s\n' "$info_err" | tail -n 1)"
+fi
+done_step
+
+# ---------------------------------------------------------------------------------------
+# Base images from Debian packages. Each recipe is an mmdebstrap command line; its hash
+# names the tarball and the image tag, so a changed recipe makes a new base and an
+# unchanged one is never rebuilt (not even in a fresh clone while podman's store has it).
+SUITE=${SPOTLIGHT_IMAGE_SUITE:-}
+if [ -z "$SUITE" ]; then
+    SUITE=$(. /etc/os-release 2>/dev/null && [ "${ID:-}" = debian ] && echo "${VERSION_CODENAME:-}") || true
+    SUITE=${SUITE:-bookworm}
+fi
+trim=(--dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
+      --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/lintian/*'
+      --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright')
+# "extract" unpacks the packages and their dependencies without Debian's essential set (no
+# perl, no apt); the merged-usr hook lays out /bin -> usr/bin; passwd and group come from
+# base-passwd's master files, as its postinst would have written them.
+common=(--variant=extract --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
+        --aptopt='Acquire::Retries "3"'
+        --customize-hook='cp "$1/usr/share/base-passwd/passwd.master" "$1/etc/passwd"'
+        --customize-hook='cp "$1/usr/share/base-passwd/group.master" "$1/etc/group"'
+        --customize-hook='rm -rf "$1/var/cache/apt" "$1/var/lib/apt/lists"')
+# Runtime: the binary links libc and libgcc_s; ONNX Runtime also needs libstdc++. dash for
+# RUN and `podman exec … sh`; gconv modules dropped (nothing here converts charsets).
+RUNTIME_RECIPE=("${common[@]}" "${trim[@]}"
+    --dpkgopt='path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*'
+    --include=base-files,base-passwd,dash,libc6,libgcc-s1,libstdc++6)
+# Build: what the Containerfile's first stage runs (sha256sum, unzip, strip).
+BUILD_RECIPE=("${common[@]}" "${trim[@]}"
+    --include=base-files,base-passwd,dash,coreutils,unzip,binutils)
+
+mkdir -p "$WORK"
+base_image() { # NAME RECIPE... -> prints the image reference
+    local name=$1
+    shift
+    local key tar ref
+    key=$(printf '%s\n' "$SUITE" "$@" | sha256sum | cut -c1-12)
+    tar="$WORK/base-$name-$SUITE-$key.tar"
+    ref="localhost/spotlight-base:$name-$SUITE-$key"
+    if pod image exists "$ref"; then
+        echo "   $ref: cached image" >&2
+    else
+        if [ -s "$tar" ]; then
+            echo "   $ref: cached tarball $tar" >&2
+        else
+            echo "   $ref: mmdebstrap $SUITE" >&2
+            rm -rf "$tar.partial"
+            mmdebstrap --format=tar "$@" "$SUITE" "$tar.partial" >"$WORK/mmdebstrap-$name.log" 2>&1 || {
+                tail -n 30 "$WORK/mmdebstrap-$name.log" >&2
+                fail "mmdebstrap of the $name base failed (log: $WORK/mmdebstrap-$name.log)"
+            }
+            mv "$tar.partial" "$tar"
+        fi
+        pod import --quiet --change 'CMD ["/bin/sh"]' "$tar" "$ref" >/dev/null \
+            || fail "podman import of $tar failed"
+    fi
+    echo "$ref"
+}
+step "base images ($SUITE)"
+RUNTIME_BASE=$(base_image runtime "${RUNTIME_RECIPE[@]}")
+BUILD_BASE=$(base_image build "${BUILD_RECIPE[@]}")
+pod tag "$RUNTIME_BASE" localhost/spotlight-base:runtime
+pod tag "$BUILD_BASE" localhost/spotlight-base:build
+done_step
+
+# Can this machine run a container at all? Anything failing here is the environment (a
+# sandbox refusing namespaces, mounts or rlimits), not the image: skip with its reason.
+step "probe: run a container"
+if ! probe=$(pod run --rm --network none --pull never "$RUNTIME_BASE" /bin/sh -c 'echo ok' 2>&1) \
+    || [ "$(printf '%s' "$probe" | tail -n 1)" != ok ]; then
+    skip "podman cannot run a container here: $(printf '%s\n' "$probe" | tail -n 1)"
+fi
+done_step
+
+# ---------------------------------------------------------------------------------------
+step "inputs: binary and ONNX Runtime wheel"
+if [ -n "${SPOTLIGHT_BIN:-}" ]; then
+    [ -x "$SPOTLIGHT_BIN" ] || fail "SPOTLIGHT_BIN=$SPOTLIGHT_BIN is not an executable"
+    bin=$SPOTLIGHT_BIN
+else
+    cargo build --release --bin spotlight
+    bin=target/release/spotlight
+fi
+# The build context admits only build/image/spotlight (and target/release/spotlight) of
+# binaries (.dockerignore); copy it in wherever it was built.
+if ! cmp -s "$bin" "$WORK/spotlight"; then
+    cp "$bin" "$WORK/spotlight.partial"
+    mv "$WORK/spotlight.partial" "$WORK/spotlight"
+fi
+wheel=$(sed -n 's/^ARG ORT_WHEEL=//p' deploy/Containerfile)
+if [ ! -f "build/wheels/$wheel" ]; then
+    mkdir -p build/wheels
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --dest build/wheels \
+        --python-version 3.11 --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
+        "onnxruntime==$ORT_VERSION"
+    [ -f "build/wheels/$wheel" ] || fail "pip did not fetch build/wheels/$wheel"
+fi
+echo "   binary $bin ($(du -h "$bin" | cut -f1)), wheel build/wheels/$wheel"
+done_step
+
+# ---------------------------------------------------------------------------------------
+step "build $IMAGE"
+old_id=$(pod image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+version=$("$WORK/spotlight" --version | awk '{print $2}')
+revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+pod build --quiet --pull=never --network=none --layers \
+    -f deploy/Containerfile \
+    --build-arg BUILD_BASE="$BUILD_BASE" \
+    --build-arg RUNTIME_BASE="$RUNTIME_BASE" \
+    --build-arg SPOTLIGHT_BIN="$WORK/spotlight" \
+    --build-arg VERSION="$version" \
+    --build-arg REVISION="$revision" \
+    -t "$IMAGE" . >"$WORK/build.log" 2>&1 || {
+    tail -n 40 "$WORK/build.log" >&2
+    fail "podman build failed (log: $WORK/build.log)"
+}
+new_id=$(pod image inspect --format '{{.Id}}' "$IMAGE")
+# vfs keeps a full copy per layer: let go of the image this tag pointed at before.
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    pod rmi "$old_id" >/dev/null 2>&1 || true
+fi
+done_step
+
+# ---------------------------------------------------------------------------------------
+step "check: --version, user, model"
+out=$(pod run --rm --network none --pull never "$IMAGE" --version)
+echo "   $out"
+[ "$out" = "spotlight $version" ] || fail "expected 'spotlight $version', got '$out'"
+# The user the image runs as, read by the shell from /proc (the runtime base has no `id`).
+uid=$(pod run --rm --network none --pull never --entrypoint /bin/sh "$IMAGE" -c \
+    'while read -r k r e _; do [ "$k" != Uid: ] || echo "$r $e"; done </proc/self/status')
+echo "   uid (real effective): $uid"
+case "$uid" in "0 "* | *" 0") fail "the image runs as root" ;; esac
+# The baked-in model and the same package mounted from outside have the same hash.
+baked=$(pod run --rm --network none --pull never "$IMAGE" inspect | head -n 1)
+mounted=$(pod run --rm --network none --pull never \
+    -v "$ROOT/models/fashion-mnist-nested:/models/mounted:ro" \
+    "$IMAGE" inspect --model /models/mounted | head -n 1)
+echo "   baked:   $baked"
+echo "   mounted: $mounted"
+[ -n "$baked" ] && [ "${baked#* }" = "${mounted#* }" ] || fail "baked and mounted model differ"
+done_step
+
+step "check: spotlight up --limit $FRAMES (TLS, read-only root, no capabilities, no network)"
+# The loopback interface is all `up` needs: its roles talk over 127.0.0.1 inside the
+# container. --read-only gives /tmp a tmpfs, where `up` writes its throwaway credentials.
+pod run --rm --network none --pull never --read-only --cap-drop all \
+    --security-opt no-new-privileges \
+    -v "$DATASET:$DATASET:ro" \
+    "$IMAGE" up --limit "$FRAMES" >"$WORK/up.log" 2>&1 || {
+    tail -n 30 "$WORK/up.log" >&2
+    fail "spotlight up failed in the container (log: $WORK/up.log)"
+}
+grep -E '^(frames|throughput|task v)' "$WORK/up.log" | sed 's/^/   /'
+summary=$(grep -E '^frames [0-9]+' "$WORK/up.log" || true)
+predictions=$(sed -n 's/.*predictions \([0-9]*\).*/\1/p' <<<"$summary")
+errors=$(sed -n 's/.*errors \([0-9]*\).*/\1/p' <<<"$summary")
+[ -n "$predictions" ] && [ "$predictions" -gt 0 ] || fail "no predictions (log: $WORK/up.log)"
+[ "$predictions" = "$FRAMES" ] || fail "$predictions predictions for $FRAMES frames"
+[ "$errors" = 0 ] || fail "$errors errors (log: $WORK/up.log)"
+grep -q '^task v2:' "$WORK/up.log" || fail "the task switch did not happen (log: $WORK/up.log)"
+done_step
+
+# ---------------------------------------------------------------------------------------
+size=$(pod image inspect --format '{{.Size}}' "$IMAGE")
+base_size=$(pod image inspect --format '{{.Size}}' "$RUNTIME_BASE")
+echo "== image: $IMAGE $(awk -v s="$size" 'BEGIN{printf "%.1f MB", s/1e6}') " \
+    "(runtime base $(awk -v s="$base_size" 'BEGIN{printf "%.1f MB", s/1e6}'))"
+pod history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-110 | sed 's/^/   /'
+echo "== image: passed in $((SECONDS - START)) s"
