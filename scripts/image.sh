@@ -251,10 +251,79 @@ errors=$(sed -n 's/.*errors \([0-9]*\).*/\1/p' <<<"$summary")
 grep -q '^task v2:' "$WORK/up.log" || fail "the task switch did not happen (log: $WORK/up.log)"
 done_step
 
+# The deployed shape in miniature: coordinator, two workers and an edge agent, each in a
+# container of its own, sharing one network namespace (the coordinator's, which has only
+# loopback), TLS and tokens from `spotlight certs` mounted read-only as the secrets; the
+# task changed by an operator container; every role stopped with SIGTERM as PID 1.
+step "check: roles in separate containers (certs, coordinator, 2 workers, task set, edge)"
+run=spotlight-image-check-$$
+cleanup() {
+    for c in edge operator w-tops w-rest coordinator; do
+        pod rm -f -t 0 "$run-$c" >/dev/null 2>&1 || true
+    done
+}
+trap cleanup EXIT
+secrets="$ROOT/$WORK/secrets"
+rm -rf "$secrets"
+mkdir -p "$secrets"
+chown 10001:10001 "$secrets"
+pod run --rm --network none --pull never -v "$secrets:/secrets" "$IMAGE" certs --out /secrets >/dev/null
+S=/etc/spotlight/secrets
+role() { # NAME ARGS...: a detached role container in the coordinator's network namespace
+    local name=$1
+    shift
+    local net=(--network "container:$run-coordinator")
+    [ "$name" = coordinator ] && net=(--network none)
+    pod run -d --name "$run-$name" "${net[@]}" --pull never --read-only --cap-drop all \
+        --security-opt no-new-privileges -v "$secrets:$S:ro" "$IMAGE" "$@" >/dev/null
+}
+once() { # ARGS...: a role run to completion in the coordinator's network namespace
+    pod run --rm --network "container:$run-coordinator" --pull never --read-only --cap-drop all \
+        --security-opt no-new-privileges -v "$secrets:$S:ro" -v "$DATASET:$DATASET:ro" "$IMAGE" "$@"
+}
+role coordinator coordinator --grpc-listen 127.0.0.1:7000 --http-listen 127.0.0.1:7080 \
+    --ca $S/ca.pem --cert $S/coordinator.pem --key $S/coordinator.key \
+    --tokens $S/tokens.toml --token-file $S/coordinator.token
+W=(--coordinator https://127.0.0.1:7000 --ca $S/ca.pem --cert $S/worker.pem --key $S/worker.key
+   --tokens $S/tokens.toml --token-file $S/worker.token)
+role w-tops worker --listen 127.0.0.1:7001 --advertise https://127.0.0.1:7001 --branches tops "${W[@]}"
+role w-rest worker --listen 127.0.0.1:7002 --advertise https://127.0.0.1:7002 \
+    --branches footwear,other "${W[@]}"
+for _ in $(seq 100); do
+    [ "$(pod logs "$run-coordinator" 2>&1 | grep -c 'worker registered')" -ge 2 ] && break
+    sleep 0.2
+done
+[ "$(pod logs "$run-coordinator" 2>&1 | grep -c 'worker registered')" -ge 2 ] \
+    || { pod logs "$run-coordinator" 2>&1 | tail -n 20 >&2; fail "workers did not register"; }
+task=$(once task set --coordinator https://127.0.0.1:7000 --ca $S/ca.pem \
+    --token-file $S/operator.token --categories "Sandal,Sneaker,Ankle boot")
+echo "   task set: $task"
+once edge --coordinator https://127.0.0.1:7000 --ca $S/ca.pem --token-file $S/edge.token \
+    --idx-images "$DATASET/t10k-images-idx3-ubyte.gz" --idx-labels "$DATASET/t10k-labels-idx1-ubyte.gz" \
+    --limit "$FRAMES" >"$WORK/edge.log" 2>&1 || {
+    tail -n 30 "$WORK/edge.log" >&2
+    fail "the edge container failed (log: $WORK/edge.log)"
+}
+grep -E '^(frames|throughput|task v)' "$WORK/edge.log" | sed 's/^/   /'
+grep -qE "^frames $FRAMES +predictions $FRAMES +errors 0 " "$WORK/edge.log" \
+    || fail "expected $FRAMES predictions and no error (log: $WORK/edge.log)"
+# Every frame under the footwear task, so only the footwear branch ran in the cloud.
+grep -qE "^task v2: predictions $FRAMES .*cloud MACs/frame 4685424 of 14620704" "$WORK/edge.log" \
+    || fail "the task change did not reach the edge's frames (log: $WORK/edge.log)"
+for c in w-tops w-rest coordinator; do
+    pod stop -t 15 "$run-$c" >/dev/null
+    code=$(pod inspect --format '{{.State.ExitCode}}' "$run-$c")
+    [ "$code" = 0 ] || { pod logs "$run-$c" 2>&1 | tail -n 20 >&2; fail "$c exited $code on SIGTERM"; }
+done
+echo "   SIGTERM: workers and coordinator drained and exited 0"
+cleanup
+trap - EXIT
+done_step
+
 # ---------------------------------------------------------------------------------------
 size=$(pod image inspect --format '{{.Size}}' "$IMAGE")
 base_size=$(pod image inspect --format '{{.Size}}' "$RUNTIME_BASE")
 echo "== image: $IMAGE $(awk -v s="$size" 'BEGIN{printf "%.1f MB", s/1e6}') " \
     "(runtime base $(awk -v s="$base_size" 'BEGIN{printf "%.1f MB", s/1e6}'))"
-pod history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-110 | sed 's/^/   /'
+pod history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | grep -v '^0 B' | cut -c1-100 | sed 's/^/   /'
 echo "== image: passed in $((SECONDS - START)) s"
