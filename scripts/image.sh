@@ -120,35 +120,50 @@ BUILD_RECIPE=("${common[@]}" "${trim[@]}"
     --include=base-files,base-passwd,dash,coreutils,unzip,binutils)
 
 mkdir -p "$WORK"
-base_image() { # NAME RECIPE... -> prints the image reference
-    local name=$1
-    shift
-    local key tar ref
-    key=$(printf '%s\n' "$SUITE" "$@" | sha256sum | cut -c1-12)
-    tar="$WORK/base-$name-$SUITE-$key.tar"
-    ref="localhost/spotlight-base:$name-$SUITE-$key"
-    if pod image exists "$ref"; then
-        echo "   $ref: cached image" >&2
-    else
-        if [ -s "$tar" ]; then
-            echo "   $ref: cached tarball $tar" >&2
-        else
-            echo "   $ref: mmdebstrap $SUITE" >&2
-            rm -rf "$tar.partial"
-            mmdebstrap --format=tar "$@" "$SUITE" "$tar.partial" >"$WORK/mmdebstrap-$name.log" 2>&1 || {
-                tail -n 30 "$WORK/mmdebstrap-$name.log" >&2
-                fail "mmdebstrap of the $name base failed (log: $WORK/mmdebstrap-$name.log)"
-            }
-            mv "$tar.partial" "$tar"
-        fi
-        pod import --quiet --change 'CMD ["/bin/sh"]' "$tar" "$ref" >/dev/null \
-            || fail "podman import of $tar failed"
+key_of() { printf '%s\n' "$SUITE" "$@" | sha256sum | cut -c1-12; }
+make_tar() { # NAME TAR RECIPE...: one mmdebstrap run (the two run side by side)
+    local name=$1 tar=$2
+    shift 2
+    rm -rf "$tar.partial"
+    if ! mmdebstrap --format=tar "$@" "$SUITE" "$tar.partial" >"$WORK/mmdebstrap-$name.log" 2>&1; then
+        tail -n 30 "$WORK/mmdebstrap-$name.log" >&2
+        echo "FAIL image: mmdebstrap of the $name base failed (log: $WORK/mmdebstrap-$name.log)" >&2
+        return 1
     fi
-    echo "$ref"
+    mv "$tar.partial" "$tar"
+}
+import_tar() { # TAR REF
+    pod import --quiet --change 'CMD ["/bin/sh"]' "$1" "$2" >/dev/null || fail "podman import of $1 failed"
 }
 step "base images ($SUITE)"
-RUNTIME_BASE=$(base_image runtime "${RUNTIME_RECIPE[@]}")
-BUILD_BASE=$(base_image build "${BUILD_RECIPE[@]}")
+rt_key=$(key_of "${RUNTIME_RECIPE[@]}")
+bd_key=$(key_of "${BUILD_RECIPE[@]}")
+RUNTIME_BASE=localhost/spotlight-base:runtime-$SUITE-$rt_key
+BUILD_BASE=localhost/spotlight-base:build-$SUITE-$bd_key
+rt_tar=$WORK/base-runtime-$SUITE-$rt_key.tar
+bd_tar=$WORK/base-build-$SUITE-$bd_key.tar
+pids=()
+for ref in "$RUNTIME_BASE" "$BUILD_BASE"; do
+    if [ "$ref" = "$RUNTIME_BASE" ]; then tar=$rt_tar name=runtime; else tar=$bd_tar name=build; fi
+    if pod image exists "$ref"; then
+        echo "   $ref: cached image"
+    elif [ -s "$tar" ]; then
+        echo "   $ref: cached tarball $tar"
+    else
+        echo "   $ref: mmdebstrap $SUITE -> $tar"
+        if [ $name = runtime ]; then
+            make_tar runtime "$tar" "${RUNTIME_RECIPE[@]}" &
+        else
+            make_tar build "$tar" "${BUILD_RECIPE[@]}" &
+        fi
+        pids+=($!)
+    fi
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || fail "a base image could not be made"
+done
+pod image exists "$RUNTIME_BASE" || import_tar "$rt_tar" "$RUNTIME_BASE"
+pod image exists "$BUILD_BASE" || import_tar "$bd_tar" "$BUILD_BASE"
 pod tag "$RUNTIME_BASE" localhost/spotlight-base:runtime
 pod tag "$BUILD_BASE" localhost/spotlight-base:build
 done_step
