@@ -208,13 +208,14 @@ step "build $IMAGE"
 old_id=$(pod image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 version=$("$WORK/spotlight" --version | awk '{print $2}')
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || revision="$revision-dirty"
 pod build --quiet --pull=never --network=none --layers \
     -f deploy/Containerfile \
     --build-arg BUILD_BASE="$BUILD_BASE" \
     --build-arg RUNTIME_BASE="$RUNTIME_BASE" \
     --build-arg SPOTLIGHT_BIN="$WORK/spotlight" \
-    --build-arg VERSION="$version" \
-    --build-arg REVISION="$revision" \
+    --label org.opencontainers.image.version="$version" \
+    --label org.opencontainers.image.revision="$revision" \
     -t "$IMAGE" . >"$WORK/build.log" 2>&1 || {
     tail -n 40 "$WORK/build.log" >&2
     fail "podman build failed (log: $WORK/build.log)"
@@ -340,5 +341,6 @@ size=$(pod image inspect --format '{{.Size}}' "$IMAGE")
 base_size=$(pod image inspect --format '{{.Size}}' "$RUNTIME_BASE")
 echo "== image: $IMAGE $(awk -v s="$size" 'BEGIN{printf "%.1f MB", s/1e6}') " \
     "(runtime base $(awk -v s="$base_size" 'BEGIN{printf "%.1f MB", s/1e6}'))"
+pod image inspect --format '   labels: {{index .Labels "org.opencontainers.image.version"}} {{index .Labels "org.opencontainers.image.revision"}}' "$IMAGE"
 pod history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | grep -v '^0 B' | cut -c1-100 | sed 's/^/   /'
 echo "== image: passed in $((SECONDS - START)) s"
