@@ -18,6 +18,9 @@
 #   SPOTLIGHT_IMAGE_FRAMES=N      frames the `spotlight up` check streams [2000]
 #   SPOTLIGHT_IMAGE_SUITE=NAME    Debian suite of the bases [the host's, else bookworm]
 #   SPOTLIGHT_IMAGE_STRICT=1      a skip (no root, podman unusable here) fails instead
+#   SPOTLIGHT_PODMAN_DRIVER=NAME  podman storage driver [vfs]; overlay works on some machines
+#                                 and is faster, but a storage root keeps the driver it was
+#                                 made with: give it its own SPOTLIGHT_PODMAN_ROOT
 #   SPOTLIGHT_PODMAN_ROOT=DIR     podman storage root [podman's default]
 #   CONTAINERS_CONF=FILE          podman engine settings [deploy/containers.conf]
 #
@@ -34,6 +37,7 @@ STRICT=${SPOTLIGHT_IMAGE_STRICT:-0}
 DATASET=/usr/share/datasets/fashion-mnist
 ORT_VERSION=1.31.1
 WORK=build/image
+DRIVER=${SPOTLIGHT_PODMAN_DRIVER:-vfs}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/deploy/containers.conf}
 export ORT_DISABLE_TELEMETRY=1 DEBIAN_FRONTEND=noninteractive
 
@@ -61,7 +65,7 @@ fail() {
 }
 
 pod() {
-    local flags=(--storage-driver vfs)
+    local flags=(--storage-driver "$DRIVER")
     if [ -n "${SPOTLIGHT_PODMAN_ROOT:-}" ]; then
         flags+=(--root "$SPOTLIGHT_PODMAN_ROOT/storage" --runroot "$SPOTLIGHT_PODMAN_ROOT/run")
     fi
@@ -221,7 +225,8 @@ pod build --quiet --pull=never --network=none --layers \
     fail "podman build failed (log: $WORK/build.log)"
 }
 new_id=$(pod image inspect --format '{{.Id}}' "$IMAGE")
-# vfs keeps a full copy per layer: let go of the image this tag pointed at before.
+# vfs keeps a full copy per layer: let go of the image this tag pointed at before
+# (`podman image prune` then frees its layers).
 if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
     pod rmi "$old_id" >/dev/null 2>&1 || true
 fi
@@ -334,6 +339,7 @@ done
 echo "   SIGTERM: workers and coordinator drained and exited 0"
 cleanup
 trap - EXIT
+rm -rf "$secrets"
 done_step
 
 # ---------------------------------------------------------------------------------------
@@ -343,4 +349,5 @@ echo "== image: $IMAGE $(awk -v s="$size" 'BEGIN{printf "%.1f MB", s/1e6}') " \
     "(runtime base $(awk -v s="$base_size" 'BEGIN{printf "%.1f MB", s/1e6}'))"
 pod image inspect --format '   labels: {{index .Labels "org.opencontainers.image.version"}} {{index .Labels "org.opencontainers.image.revision"}}' "$IMAGE"
 pod history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | grep -v '^0 B' | cut -c1-100 | sed 's/^/   /'
+echo "   storage: $DRIVER, $(pod info --format '{{.Store.GraphRoot}}')"
 echo "== image: passed in $((SECONDS - START)) s"
