@@ -29,6 +29,10 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# A relative SPOTLIGHT_BIN is relative to where the script was started from.
+if [ -n "${SPOTLIGHT_BIN:-}" ] && [ -e "$SPOTLIGHT_BIN" ]; then
+    SPOTLIGHT_BIN=$(realpath "$SPOTLIGHT_BIN")
+fi
 cd "$ROOT"
 
 IMAGE=${SPOTLIGHT_IMAGE:-localhost/spotlight:latest}
@@ -116,10 +120,12 @@ common=(--variant=extract --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
         --customize-hook='rm -rf "$1/var/cache/apt" "$1/var/lib/apt/lists"')
 # Runtime: the binary links libc and libgcc_s; ONNX Runtime also needs libstdc++. dash for
 # RUN and `podman exec … sh`; gconv modules dropped (nothing here converts charsets).
+# shellcheck disable=SC2054 # the commas separate mmdebstrap's package names
 RUNTIME_RECIPE=("${common[@]}" "${trim[@]}"
     --dpkgopt='path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*'
     --include=base-files,base-passwd,dash,libc6,libgcc-s1,libstdc++6)
 # Build: what the Containerfile's first stage runs (sha256sum, unzip, strip).
+# shellcheck disable=SC2054
 BUILD_RECIPE=("${common[@]}" "${trim[@]}"
     --include=base-files,base-passwd,dash,coreutils,unzip,binutils)
 
@@ -305,8 +311,8 @@ once() { # ARGS...: a role run to completion in the coordinator's network namesp
 role coordinator coordinator --grpc-listen 127.0.0.1:7000 --http-listen 127.0.0.1:7080 \
     --ca $S/ca.pem --cert $S/coordinator.pem --key $S/coordinator.key \
     --tokens $S/tokens.toml --token-file $S/coordinator.token
-W=(--coordinator https://127.0.0.1:7000 --ca $S/ca.pem --cert $S/worker.pem --key $S/worker.key
-   --tokens $S/tokens.toml --token-file $S/worker.token)
+W=(--coordinator https://127.0.0.1:7000 --ca "$S/ca.pem" --cert "$S/worker.pem" --key "$S/worker.key"
+   --tokens "$S/tokens.toml" --token-file "$S/worker.token")
 role w-tops worker --listen 127.0.0.1:7001 --advertise https://127.0.0.1:7001 --branches tops "${W[@]}"
 role w-rest worker --listen 127.0.0.1:7002 --advertise https://127.0.0.1:7002 \
     --branches footwear,other "${W[@]}"
