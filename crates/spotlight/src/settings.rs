@@ -99,6 +99,15 @@ pub struct Sources {
     pub overrides: Vec<(String, String)>,
 }
 
+/// `SPOTLIGHT_…` variables that are not settings: clap's `SPOTLIGHT_CONFIG` (the config
+/// file's path), and the service links Kubernetes injects for a Service named `spotlight-…`
+/// (`SPOTLIGHT_COORDINATOR_SERVICE_HOST`, `SPOTLIGHT_COORDINATOR_PORT_7000_TCP`, …), which have
+/// no `__` section separator. Anything else unknown is still an error, so typos show.
+fn not_a_setting(key: &str) -> bool {
+    key == "SPOTLIGHT_CONFIG"
+        || (!key.contains("__") && (key.contains("_SERVICE_") || key.contains("_PORT")))
+}
+
 impl Settings {
     /// Layers the sources over the defaults and validates the result.
     pub fn load(sources: &Sources) -> Result<Self, String> {
@@ -113,7 +122,7 @@ impl Settings {
         let env: HashMap<String, String> = sources
             .env
             .iter()
-            .filter(|(k, _)| k.starts_with("SPOTLIGHT_"))
+            .filter(|(k, _)| k.starts_with("SPOTLIGHT_") && !not_a_setting(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
@@ -217,6 +226,28 @@ mod tests {
             vec!["footwear".to_string(), "other".to_string()]
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_config_path_and_kubernetes_service_links_are_not_settings() {
+        let sources = Sources {
+            env: env(&[
+                ("SPOTLIGHT_CONFIG", "/etc/spotlight/coordinator.toml"),
+                ("SPOTLIGHT_COORDINATOR_SERVICE_HOST", "10.0.0.1"),
+                ("SPOTLIGHT_COORDINATOR_SERVICE_PORT_GRPC", "7000"),
+                ("SPOTLIGHT_COORDINATOR_PORT", "tcp://10.0.0.1:7000"),
+                ("SPOTLIGHT_COORDINATOR_PORT_7000_TCP_ADDR", "10.0.0.1"),
+                ("SPOTLIGHT_CLUSTER__ETCD", "http://a:2379,http://b:2379"),
+            ]),
+            ..Sources::default()
+        };
+        let s = Settings::load(&sources).unwrap();
+        assert_eq!(s.cluster.etcd, vec!["http://a:2379", "http://b:2379"]);
+        let typo = Sources {
+            env: env(&[("SPOTLIGHT_MODLE", "x")]),
+            ..Sources::default()
+        };
+        assert!(Settings::load(&typo).unwrap_err().contains("modle"));
     }
 
     #[test]
