@@ -12,7 +12,7 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-rust test-python setup onnxruntime dataset protoc etcd venv model lint bench fuzz
+.PHONY: demo test test-rust test-python setup onnxruntime dataset protoc etcd venv model lint bench fuzz k8s-validate k8s-smoke image
 
 # Debian packages, installed when missing (as root, or through sudo).
 APT_INSTALL = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
@@ -87,3 +87,19 @@ model: dataset venv
 lint: protoc
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Kubernetes manifests and the edge's systemd unit, rendered and validated offline (docs/kubernetes.md).
+k8s-validate:
+	scripts/k8s-validate.sh
+
+# The same, plus the dev overlay's pods run as local processes with their rendered configuration.
+k8s-smoke: onnxruntime dataset protoc
+	$(CARGO) build --release --bin spotlight
+	scripts/k8s-validate.sh --smoke
+
+# The container image (deploy/Containerfile): bases from Debian packages (mmdebstrap), built
+# with podman and checked (--version, spotlight up, every role in its own container). Needs
+# root; prints SKIP and exits 0 where podman cannot run. See docs/container.md.
+image: onnxruntime dataset protoc
+	$(CARGO) build --release --bin spotlight
+	SPOTLIGHT_BIN=target/release/spotlight scripts/image.sh
