@@ -8,16 +8,18 @@
 #      build/onnxruntime-aarch64/ and checks that it is an ARM aarch64 object;
 #   4. starts the x86 cloud roles as separate processes on 127.0.0.1 (a coordinator, one
 #      worker per top-level branch), over TLS with tokens from `spotlight certs`;
-#   5. runs the aarch64 `spotlight edge` under qemu-aarch64 (no binfmt needed: the sysroot is
-#      passed with -L; the emulated CPU is a Cortex-A72, as in a Raspberry Pi 4), streaming FRAMES Fashion-MNIST test images over gRPC, then over QUIC,
-#      and checks every summary: all frames answered, 0 errors, accuracy >= MIN_ACCURACY.
+#   5. runs the aarch64 `spotlight edge` under qemu-aarch64 (no binfmt needed: the sysroot
+#      is passed with -L; the emulated CPU is a Cortex-A72, as in a Raspberry Pi 4),
+#      streaming FRAMES Fashion-MNIST test images over gRPC, then over QUIC, and checks
+#      every summary (all frames answered, 0 errors, accuracy >= MIN_ACCURACY) and that the
+#      x86 edge gives the same classes for the same images.
 #
 # Idempotent and non-interactive (fine with CI=true). Prints the time of every step.
 #
 #   scripts/arm-edge.sh
 #
 # Environment (all optional):
-#   FRAMES=200             images per transport (about 4 frames/s under emulation here)
+#   FRAMES=200             images per transport (4 to 8 frames/s under emulation here)
 #   TRANSPORTS="grpc quic" transports to run, in order
 #   MIN_ACCURACY=85        per-run accuracy floor, percent of labelled images
 #   EDGE_TIMEOUT=900       seconds one emulated edge run may take
@@ -79,6 +81,7 @@ fail() {
 
 # --- 1. packages -------------------------------------------------------------------------
 step "packages"
+[ "$(uname -m)" = x86_64 ] || skip "this runs an aarch64 edge under emulation beside x86-64 cloud roles; host is $(uname -m)"
 have_pkg() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 qemu_cmd() { command -v qemu-aarch64 || command -v qemu-aarch64-static || true; }
 missing=()
@@ -118,7 +121,6 @@ step "cross-build spotlight for $TARGET (release)"
 # set by environment so the repository's cargo configuration stays as it is.
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
-export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 cargo build --release --locked -p spotlight --bin spotlight --target "$TARGET" ||
     fail "cross-build failed"
@@ -154,6 +156,39 @@ case $ort_file in
 esac
 done_step
 
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/spotlight-arm-edge.XXXXXX")
+PIDS=()
+EDGE_PID=
+cleanup() {
+    local rc=$?
+    if [ -n "$EDGE_PID" ]; then
+        kill -KILL -- "-$EDGE_PID" 2>/dev/null || kill -KILL "$EDGE_PID" 2>/dev/null || true
+        wait "$EDGE_PID" 2>/dev/null || true
+    fi
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "$rc" != 0 ] && [ -d "$TMP" ]; then
+        for f in "$TMP"/*.log; do
+            [ -f "$f" ] || continue
+            log "--- last lines of $(basename "$f")"
+            tail -n 15 "$f" | sed 's/\x1b\[[0-9;]*m//g'
+        done
+    fi
+    if [ "$KEEP" = 1 ]; then
+        log "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    log "total $(since "$T0") s"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
 # --- 4. can qemu run it? -----------------------------------------------------------------
 # qemu-user passes the host's /proc/cpuinfo through to the guest, and on this x86 host it
 # describes x86 CPUs. ONNX Runtime's CPU detection (cpuinfo) parses it as an ARM listing,
@@ -172,8 +207,7 @@ cortex-a76) midr="0x41 0x4 0xd0b 1" features="fp asimd evtstrm aes pmull sha1 sh
 neoverse-n1 | max) midr="0x41 0x3 0xd0c 1" features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp" ;;
 *) fail "ARM_CPU=$ARM_CPU: use cortex-a53, cortex-a57, cortex-a72, cortex-a76, neoverse-n1 or max" ;;
 esac
-GUEST_ROOT=$ROOT/build/qemu-aarch64-root
-rm -rf "$GUEST_ROOT"
+GUEST_ROOT=$TMP/guest-root
 mkdir -p "$GUEST_ROOT/proc" "$GUEST_ROOT/usr"
 ln -s "$SYSROOT/lib" "$GUEST_ROOT/lib"
 ln -s "$SYSROOT/lib" "$GUEST_ROOT/usr/lib"
@@ -202,33 +236,6 @@ file -L "$CLOUD_BIN" | grep -q 'x86-64' || fail "$CLOUD_BIN is not an x86-64 exe
 export ORT_DYLIB_PATH=$ROOT/build/onnxruntime/libonnxruntime.so
 done_step
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/spotlight-arm-edge.XXXXXX")
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "$rc" != 0 ] && [ -d "$TMP" ]; then
-        for f in "$TMP"/*.log; do
-            [ -f "$f" ] || continue
-            log "--- last lines of $(basename "$f")"
-            tail -n 15 "$f" | sed 's/\x1b\[[0-9;]*m//g'
-        done
-    fi
-    if [ "$KEEP" = 1 ]; then
-        log "kept $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-    log "total $(since "$T0") s"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # Five free ports; the first is free on both TCP and UDP (the coordinator serves gRPC on TCP
 # and QUIC on UDP at the same address).
@@ -328,8 +335,14 @@ run_edge() {
         measure=(/usr/bin/time -f '%M' -o "$out.rss")
     fi
     t=$(date +%s.%N)
+    # In the background and waited for, so that a signal to this script reaches the trap
+    # (and through it the edge) at once, not when the edge is done.
+    # timeout leads a process group of its own (time, qemu, the edge): the trap ends it whole.
     timeout "$EDGE_TIMEOUT" "${measure[@]}" "$@" "${SOURCE_ARGS[@]}" --transport "$transport" \
-        --output "$out.jsonl" >"$out.summary" 2>"$out.log" || rc=$?
+        --output "$out.jsonl" >"$out.summary" 2>"$out.log" &
+    EDGE_PID=$!
+    wait "$EDGE_PID" || rc=$?
+    EDGE_PID=
     wall=$(since "$t")
     [ -s "$out.rss" ] && rss=$(awk 'END { printf "%.0f", $1 / 1024 }' "$out.rss")
     sed 's/^/   /' "$out.summary"
