@@ -2,7 +2,8 @@
 # ARM edge under emulation against the x86 cloud roles, end to end.
 #
 #   1. installs what is missing (Debian: gcc-aarch64-linux-gnu, the arm64 C/C++ runtime for
-#      the sysroot /usr/aarch64-linux-gnu, qemu-user, file) and the rustup target;
+#      the sysroot /usr/aarch64-linux-gnu, qemu-user, file, protobuf-compiler) and the
+#      rustup target;
 #   2. cross-builds `spotlight` for aarch64-unknown-linux-gnu;
 #   3. takes the aarch64 ONNX Runtime library from the PyPI wheel onnxruntime==1.31.1 into
 #      build/onnxruntime-aarch64/ and checks that it is an ARM aarch64 object;
@@ -89,6 +90,8 @@ for p in gcc-aarch64-linux-gnu libc6-dev-arm64-cross libstdc++6-arm64-cross file
     have_pkg "$p" || missing+=("$p")
 done
 [ -n "$(qemu_cmd)" ] || missing+=(qemu-user)
+# protoc for the etcd client's build script (runs on the host, also when cross-building).
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 if [ ${#missing[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || skip "missing ${missing[*]} and no apt-get to install them"
     if [ "$(id -u)" = 0 ]; then
