@@ -12,7 +12,7 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-rust test-python setup onnxruntime dataset protoc etcd venv model lint bench fuzz k8s-validate k8s-smoke image
+.PHONY: demo test test-rust test-python setup onnxruntime dataset protoc etcd venv model lint bench fuzz k8s-validate k8s-smoke image arm-edge
 
 # Debian packages, installed when missing (as root, or through sudo).
 APT_INSTALL = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
@@ -103,3 +103,8 @@ k8s-smoke: onnxruntime dataset protoc
 image: onnxruntime dataset protoc
 	$(CARGO) build --release --bin spotlight
 	SPOTLIGHT_BIN=target/release/spotlight scripts/image.sh
+
+# The edge agent cross-built for aarch64 and run under qemu-user against the x86 cloud roles,
+# gRPC and QUIC over TLS (docs/edge-install.md); prints SKIP where it cannot emulate.
+arm-edge: onnxruntime dataset protoc
+	scripts/arm-edge.sh
