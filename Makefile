@@ -12,23 +12,27 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-rust test-python setup onnxruntime dataset venv model lint bench fuzz
+.PHONY: demo test test-rust test-python setup onnxruntime dataset protoc etcd venv model lint bench fuzz k8s-validate k8s-smoke image arm-edge
 
-demo: onnxruntime dataset
+# Debian packages, installed when missing (as root, or through sudo).
+APT_INSTALL = if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
+
+demo: onnxruntime dataset protoc
 	$(CARGO) build --release --bin spotlight
 	./target/release/spotlight up
 
-test: onnxruntime dataset venv
+test: onnxruntime dataset protoc etcd venv
 	$(CARGO) test --workspace --all-targets
 	$(VENV)/bin/python -m pytest -q python/tests
 
-test-rust: onnxruntime dataset
+test-rust: onnxruntime dataset protoc etcd
 	$(CARGO) test --workspace --all-targets
 
 test-python: dataset venv
 	$(VENV)/bin/python -m pytest -q python/tests
 
-setup: onnxruntime dataset venv
+setup: onnxruntime dataset protoc etcd venv
 
 # The ONNX Runtime shared library, taken from the PyPI wheel (Debian has no package and ort
 # cannot download binaries here). Only the wheel is fetched, not the Python package's deps.
@@ -46,8 +50,17 @@ $(ORT_LIB):
 # Fashion-MNIST from Debian (idx .gz files under /usr/share/datasets/fashion-mnist/).
 dataset: $(DATASET)
 $(DATASET):
-	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist
+	$(APT_INSTALL) dataset-fashion-mnist
+
+# protoc for the etcd client's generated code (our own protos use the vendored protoc).
+protoc: /usr/bin/protoc
+/usr/bin/protoc:
+	$(APT_INSTALL) protobuf-compiler
+
+# etcd for the coordinator-replica tests (tests/cluster: a real etcd on loopback).
+etcd: /usr/bin/etcd
+/usr/bin/etcd:
+	$(APT_INSTALL) etcd-server
 
 # Python for the model-authoring code and its tests (torch is large: ~3 GB, a few minutes).
 venv: $(VENV)/.installed
@@ -57,7 +70,7 @@ $(VENV)/.installed: python/requirements.txt
 	touch $@
 
 # Every benchmark scenario side by side in one run; rewrites docs/benchmarks.md and its plots.
-bench: onnxruntime dataset
+bench: onnxruntime dataset protoc
 	$(CARGO) build --release --bin spotlight
 	./target/release/spotlight bench --out docs/bench --markdown docs/benchmarks.md
 
@@ -71,6 +84,27 @@ fuzz:
 model: dataset venv
 	PYTHONPATH=python $(VENV)/bin/python -m spotlight_model all --out models/fashion-mnist-nested
 
-lint:
+lint: protoc
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Kubernetes manifests and the edge's systemd unit, rendered and validated offline (docs/kubernetes.md).
+k8s-validate:
+	scripts/k8s-validate.sh
+
+# The same, plus the dev overlay's pods run as local processes with their rendered configuration.
+k8s-smoke: onnxruntime dataset protoc
+	$(CARGO) build --release --bin spotlight
+	scripts/k8s-validate.sh --smoke
+
+# The container image (deploy/Containerfile): bases from Debian packages (mmdebstrap), built
+# with podman and checked (--version, spotlight up, every role in its own container). Needs
+# root; prints SKIP and exits 0 where podman cannot run. See docs/container.md.
+image: onnxruntime dataset protoc
+	$(CARGO) build --release --bin spotlight
+	SPOTLIGHT_BIN=target/release/spotlight scripts/image.sh
+
+# The edge agent cross-built for aarch64 and run under qemu-user against the x86 cloud roles,
+# gRPC and QUIC over TLS (docs/edge-install.md); prints SKIP where it cannot emulate.
+arm-edge: onnxruntime dataset protoc
+	scripts/arm-edge.sh

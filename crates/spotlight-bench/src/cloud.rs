@@ -32,6 +32,9 @@ pub struct ClusterSpec {
     pub single_worker: bool,
     /// Worker `batch_threads`.
     pub batch_threads: usize,
+    /// Coordinator replicas; more than one share task and workers through an etcd this
+    /// harness starts (Debian's `etcd-server`), and the load's streams are spread over them.
+    pub coordinators: usize,
 }
 
 impl Default for ClusterSpec {
@@ -43,6 +46,7 @@ impl Default for ClusterSpec {
             stub: false,
             single_worker: false,
             batch_threads: 1,
+            coordinators: 1,
         }
     }
 }
@@ -50,8 +54,13 @@ impl Default for ClusterSpec {
 /// A coordinator process and its workers.
 pub struct Cluster {
     pub spec: ClusterSpec,
+    /// The first coordinator's gRPC address (tasks are set there).
     pub grpc: SocketAddr,
-    coordinator: Child,
+    /// Every coordinator's gRPC address.
+    pub grpcs: Vec<SocketAddr>,
+    coordinators: Vec<Child>,
+    /// The etcd replicas share, with its data directory.
+    etcd: Option<(Child, tempfile::TempDir)>,
     /// (id, process, Branches address).
     workers: Vec<(String, Child, SocketAddr)>,
     stubs: Vec<crate::stub::StubWorker>,
@@ -88,11 +97,16 @@ impl Cluster {
         spec: ClusterSpec,
     ) -> anyhow::Result<Self> {
         let model_dir = model.dir().display().to_string();
-        let grpc = free_port()?;
-        let http = free_port()?;
-        let coordinator = spawn(
-            exe,
-            &[
+        let etcd = match spec.coordinators > 1 {
+            true => Some(start_etcd(logs).await?),
+            false => None,
+        };
+        let mut coordinators = Vec::new();
+        let mut grpcs = Vec::new();
+        for i in 0..spec.coordinators.max(1) {
+            let grpc = free_port()?;
+            let http = free_port()?;
+            let mut args: Vec<String> = vec![
                 "--model".into(),
                 model_dir.clone(),
                 // Loopback only; TLS would add its own cost to every figure.
@@ -102,14 +116,28 @@ impl Cluster {
                 grpc.to_string(),
                 "--http-listen".into(),
                 http.to_string(),
-            ],
-            &[],
-            &logs.join("coordinator.log"),
-        )?;
+            ];
+            if let Some((url, ..)) = &etcd {
+                args.extend(["--etcd".into(), url.clone()]);
+            }
+            coordinators.push(spawn(
+                exe,
+                &args,
+                &[],
+                &logs.join(match i {
+                    0 => "coordinator.log".to_string(),
+                    i => format!("coordinator-{i}.log"),
+                }),
+            )?);
+            grpcs.push(grpc);
+        }
+        let grpc = grpcs[0];
         let mut cluster = Cluster {
             spec: spec.clone(),
             grpc,
-            coordinator,
+            grpcs,
+            coordinators,
+            etcd: etcd.map(|(_, child, dir)| (child, dir)),
             workers: Vec::new(),
             stubs: Vec::new(),
         };
@@ -126,7 +154,7 @@ impl Cluster {
         let library = spotlight_runtime::resolve_library(None)?;
         let coordinator_url = format!("http://{grpc}");
         // The coordinator must be up before workers register.
-        let mut control = connect_control(grpc).await?;
+        let control = connect_control(grpc).await?;
         for root in &roots {
             for r in 0..spec.replicas {
                 let id = if root.is_empty() {
@@ -195,13 +223,22 @@ impl Cluster {
         }
         let expected = roots.len() * spec.replicas;
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut controls = vec![control];
+        for &g in &cluster.grpcs[1..] {
+            controls.push(connect_control(g).await?);
+        }
         loop {
-            let live = control
-                .list_workers(pb::ListWorkersRequest {})
-                .await?
-                .into_inner()
-                .workers
-                .len();
+            // Every replica routes to every worker (through etcd when there are several).
+            let mut live = usize::MAX;
+            for control in &mut controls {
+                let n = control
+                    .list_workers(pb::ListWorkersRequest {})
+                    .await?
+                    .into_inner()
+                    .workers
+                    .len();
+                live = live.min(n);
+            }
             if live == expected {
                 break;
             }
@@ -223,7 +260,12 @@ impl Cluster {
 
     /// (role, pid) of every cloud process.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        let mut pids = vec![("coordinator".to_string(), self.coordinator.id())];
+        // Replicas all count as "coordinator": their CPU adds up.
+        let mut pids: Vec<(String, u32)> = self
+            .coordinators
+            .iter()
+            .map(|c| ("coordinator".to_string(), c.id()))
+            .collect();
         pids.extend(
             self.workers
                 .iter()
@@ -248,15 +290,33 @@ impl Cluster {
         Ok((frames, batches))
     }
 
-    /// Replaces the task.
+    /// Replaces the task (on the first replica), and waits until every replica has it.
     pub async fn set_task(&self, categories: &[String]) -> anyhow::Result<()> {
-        connect_control(self.grpc)
+        let version = connect_control(self.grpc)
             .await?
             .set_task(pb::SetTaskRequest {
                 categories: categories.to_vec(),
                 gains: Default::default(),
             })
-            .await?;
+            .await?
+            .into_inner()
+            .version;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for &g in &self.grpcs[1..] {
+            let mut control = connect_control(g).await?;
+            while control
+                .get_task(pb::GetTaskRequest {})
+                .await?
+                .into_inner()
+                .version
+                < version
+            {
+                if Instant::now() > deadline {
+                    bail!("replica {g} did not apply task v{version} within 5 s");
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         Ok(())
     }
 
@@ -274,8 +334,14 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = self.coordinator.kill();
-        let _ = self.coordinator.wait();
+        for c in &mut self.coordinators {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some((c, _)) = &mut self.etcd {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -284,8 +350,48 @@ impl Drop for Cluster {
         for (_, c, _) in &mut self.workers {
             let _ = c.kill();
         }
-        let _ = self.coordinator.kill();
+        for c in &mut self.coordinators {
+            let _ = c.kill();
+        }
+        if let Some((c, _)) = &mut self.etcd {
+            let _ = c.kill();
+        }
     }
+}
+
+/// Starts a single-member etcd on loopback for coordinator replicas; returns its client
+/// URL, the process and its data directory. Needs Debian's `etcd-server`.
+async fn start_etcd(logs: &Path) -> anyhow::Result<(String, Child, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let (client, peer) = (free_port()?, free_port()?);
+    let url = format!("http://{client}");
+    let peer_url = format!("http://{peer}");
+    let log = std::fs::File::create(logs.join("etcd.log"))?;
+    let child = Command::new("etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("bench={peer_url}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting etcd for coordinator replicas (apt-get install etcd-server)")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(client).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("etcd did not listen on {client} within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((url, child, dir))
 }
 
 async fn connect_control(grpc: SocketAddr) -> anyhow::Result<ControlClient<Channel>> {
@@ -315,7 +421,7 @@ pub struct Load {
 /// Streams `load.frames` frames (cycling through `tensors`) to the coordinator at `grpc`
 /// and measures what comes back; `cpu_of` names the processes whose CPU time counts.
 pub async fn drive(
-    grpc: SocketAddr,
+    grpcs: &[SocketAddr],
     model_hash: &str,
     tensors: Arc<Vec<pb::FeatureTensor>>,
     load: Load,
@@ -336,6 +442,8 @@ pub async fn drive(
             until: None,
             answered: None,
         };
+        // Streams spread over the replicas, as edges behind one Service would be.
+        let grpc = grpcs[s % grpcs.len()];
         tasks.push(tokio::spawn(async move {
             one_stream(grpc, hash, tensors, plan).await
         }));

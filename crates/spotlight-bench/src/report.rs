@@ -156,6 +156,16 @@ pub fn targets(r: &Results) -> Vec<Target> {
             });
         }
     }
+    if let (Some(one), Some(two)) = (find(r, "router all"), find(r, "router 2 replicas")) {
+        t.push(Target {
+            id: "P6".into(),
+            what: "routing throughput of two coordinator replicas sharing etcd ÷ one, stub workers, same load spread over the replicas".into(),
+            measured: two.measured.frames_per_s / one.measured.frames_per_s.max(1e-9),
+            limit: 1.8,
+            at_least: true,
+            unit: "×".into(),
+        });
+    }
     if let Some(router) = find(r, "router all") {
         let coord = router.measured.cpu_ms_per_frame(|n| n == "coordinator");
         t.push(Target {
@@ -449,7 +459,7 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             row.name,
-            params(row, &["task", "streams", "window"]),
+            params(row, &["task", "streams", "window", "coordinators"]),
             f(mm.frames_per_s, 0),
             f(mm.p50_ms, 3),
             f(mm.p99_ms, 3),

@@ -225,7 +225,7 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
     ));
     if !opts.quick {
         s.push(cloud(
-            stub,
+            stub.clone(),
             1,
             8,
             128,
@@ -233,6 +233,22 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
             n * 10,
             "router one group".into(),
         ));
+        // Coordinator replicas sharing etcd, the same load spread over them (only where
+        // etcd is installed).
+        if etcd_installed() {
+            s.push(cloud(
+                ClusterSpec {
+                    coordinators: 2,
+                    ..stub
+                },
+                0,
+                8,
+                128,
+                Codec::Int8,
+                n * 10,
+                "router 2 replicas".into(),
+            ));
+        }
     }
     // Every role a process of its own, from raw images.
     for t in 0..tasks {
@@ -423,7 +439,7 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                             frames: slice,
                         };
                         let mut m =
-                            crate::cloud::drive(c.grpc, model.hash(), t.clone(), load, c.pids())
+                            crate::cloud::drive(&[c.grpc], model.hash(), t.clone(), load, c.pids())
                                 .await?;
                         let plan = model.plan(&spotlight_model::TaskSpec {
                             categories: categories.clone(),
@@ -460,7 +476,7 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                 };
                 let before = c.stub_frames();
                 let counters = c.batch_counters().await?;
-                let mut m = crate::cloud::drive(c.grpc, model.hash(), t, load, c.pids()).await?;
+                let mut m = crate::cloud::drive(&c.grpcs, model.hash(), t, load, c.pids()).await?;
                 let after = c.batch_counters().await?;
                 if after.1 > counters.1 {
                     m.mean_worker_batch =
@@ -479,6 +495,9 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                     ("codec", key.to_string()),
                     ("replicas", spec.replicas.to_string()),
                 ];
+                if spec.coordinators > 1 {
+                    params.push(("coordinators", spec.coordinators.to_string()));
+                }
                 if spec.stub {
                     params.push(("stub frames", (c.stub_frames() - before).to_string()));
                 } else {
@@ -564,6 +583,22 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
 }
 
 /// The running cluster if it has `spec`, else a new one with it (the old one stopped).
+/// Whether `etcd` (Debian's etcd-server) is on the PATH, for the replica scenario.
+fn etcd_installed() -> bool {
+    let found = std::process::Command::new("etcd")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!(
+            "skipping \"router 2 replicas\": etcd is not installed (apt-get install etcd-server)"
+        );
+    }
+    found
+}
+
 async fn ensure_cluster<'a>(
     cluster: &'a mut Option<Cluster>,
     exe: &std::path::Path,

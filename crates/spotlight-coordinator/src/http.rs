@@ -4,7 +4,7 @@
 //! - `PUT  /v1/task`                      replace it: `{"categories": [...], "gains": {...}}`
 //! - `GET  /v1/task/watch?after=N`        long-poll (≤ 30 s) until the version exceeds N
 //! - `GET  /v1/model`                     model, segments, and the current cutout plan
-//! - `GET  /v1/workers`                   live workers, with failures and ejections
+//! - `GET  /v1/workers`                   live workers: frames routed, failures, ejections
 //! - `GET  /livez`, `GET /readyz`         liveness; readiness = every segment has a live worker
 //!   and the coordinator is not draining
 //! - `GET  /metrics`                      Prometheus text: every family of the process
@@ -155,7 +155,10 @@ async fn workers(State(s): State<Arc<Shared>>) -> Json<Value> {
                 "worker_id": w.worker_id, "endpoint": w.endpoint,
                 "segments": w.segments.iter().map(|&i| &m.segments()[i].id).collect::<Vec<_>>(),
                 "outstanding": w.outstanding.load(std::sync::atomic::Ordering::Relaxed),
-                "lease_remaining_ms": w.lease_remaining().as_millis() as u64,
+                "frames_routed": w.routed.load(std::sync::atomic::Ordering::Relaxed),
+                // A lease kept in etcd: etcd knows its time left, this replica does not.
+                "lease_remaining_ms": (!w.shared).then(|| w.lease_remaining().as_millis() as u64),
+                "lease_in_etcd": w.shared,
                 "failures": w.failures.load(std::sync::atomic::Ordering::Relaxed),
                 "consecutive_failures": health.consecutive_failures,
                 "ejections": health.ejections,

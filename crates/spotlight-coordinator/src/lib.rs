@@ -2,6 +2,7 @@
 //! hosting the segments its task needs, merges their outputs with top-down attention, and
 //! serves the control API (gRPC + HTTP/JSON).
 
+pub mod cluster;
 pub mod error;
 mod grpc;
 mod http;
@@ -68,6 +69,10 @@ pub struct CoordinatorConfig {
     /// registry (in `spotlight up`, every role's).
     #[serde(skip)]
     pub metrics: Metrics,
+    /// Replicas sharing task and workers through etcd (`[cluster]`, set by the binary;
+    /// default: none, one coordinator).
+    #[serde(skip)]
+    pub cluster: cluster::ClusterConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -88,6 +93,7 @@ impl Default for CoordinatorConfig {
             drain_timeout_ms: 10_000,
             security: Security::insecure(),
             metrics: Metrics::new(),
+            cluster: cluster::ClusterConfig::default(),
         }
     }
 }
@@ -128,7 +134,13 @@ impl CoordinatorConfig {
                 self.drain_timeout_ms
             ));
         }
-        Ok(())
+        if self.cluster.enabled() && self.state_file.is_some() {
+            return Err(
+                "state_file and cluster.etcd are exclusive: with etcd the task lives in etcd"
+                    .into(),
+            );
+        }
+        self.cluster.validate()
     }
 }
 
@@ -223,8 +235,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     config.validate().map_err(CoordinatorError::Config)?;
-    let task = task::TaskState::open(model.clone(), config.state_file.clone())
-        .map_err(CoordinatorError::Task)?;
+    let (task, task_revision) = match config.cluster.enabled() {
+        true => {
+            let etcd = cluster::Etcd::connect(&config.cluster)
+                .await
+                .map_err(CoordinatorError::Config)?;
+            task::TaskState::open_shared(model.clone(), etcd, Duration::from_secs(15))
+                .await
+                .map_err(CoordinatorError::Task)?
+        }
+        false => (
+            task::TaskState::open(model.clone(), config.state_file.clone())
+                .map_err(CoordinatorError::Task)?,
+            0,
+        ),
+    };
     let registry = Arc::new(registry::Registry::new(
         model.clone(),
         registry::RegistrySettings {
@@ -290,6 +315,22 @@ pub async fn run(
         task_version = shared.task.current().version,
         "coordinator serving"
     );
+
+    if let Some(etcd) = shared.task.etcd().cloned() {
+        tracing::info!(etcd = ?shared.config.cluster.etcd, prefix = shared.config.cluster.prefix,
+            "sharing task and workers with the other replicas through etcd");
+        let follower = shared.clone();
+        let (etcd2, stop2) = (etcd.clone(), stop.clone());
+        tokio::spawn(async move {
+            etcd2
+                .follow_task(task_revision, stop2, |version, spec| {
+                    follower.task.install(version, spec)
+                })
+                .await
+        });
+        let (registry, stop2) = (registry.clone(), stop.clone());
+        tokio::spawn(async move { etcd.follow_workers(registry, stop2).await });
+    }
 
     let stopped = move || stop.begun();
 

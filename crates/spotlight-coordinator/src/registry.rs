@@ -32,8 +32,12 @@ pub struct WorkerEntry {
     pub link: WorkerLink,
     /// Frames in flight to this worker.
     pub outstanding: AtomicU32,
+    /// Frames sent to it since it registered (each frame once per call that carried it).
+    pub routed: AtomicU64,
     /// Calls to it that failed because of it, since it registered.
     pub failures: AtomicU64,
+    /// Its lease is kept by the replicas' shared store (etcd), not by this process.
+    pub shared: bool,
     expires: Mutex<Instant>,
     health: Mutex<Health>,
 }
@@ -193,6 +197,9 @@ pub struct InFlight(Arc<WorkerEntry>, u32);
 impl InFlight {
     pub fn new(worker: Arc<WorkerEntry>, frames: u32) -> Self {
         worker.outstanding.fetch_add(frames, Ordering::Relaxed);
+        worker
+            .routed
+            .fetch_add(u64::from(frames), Ordering::Relaxed);
         Self(worker, frames)
     }
 }
@@ -200,6 +207,23 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
+/// A random non-zero lease id from the OS.
+pub fn random_lease_id() -> Result<u64, ApiError> {
+    loop {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("no randomness for a lease id: {e}"),
+            )
+        })?;
+        let id = u64::from_le_bytes(bytes);
+        if id != 0 {
+            return Ok(id);
+        }
     }
 }
 
@@ -232,7 +256,8 @@ impl Registry {
         self.ttl
     }
 
-    /// Adds a worker; refuses a different model or unknown segments.
+    /// Adds a worker under a new lease held in this process; refuses a different model or
+    /// unknown segments.
     pub fn register(
         &self,
         worker_id: String,
@@ -240,6 +265,21 @@ impl Registry {
         segments: &[String],
         model_hash: &str,
     ) -> Result<u64, ApiError> {
+        let indices = self.admit(&worker_id, &endpoint, segments, model_hash)?;
+        let lease_id = self.new_lease_id()?;
+        self.insert(lease_id, worker_id, endpoint, indices, Some(self.ttl))?;
+        Ok(lease_id)
+    }
+
+    /// Checks a worker's registration: a stable id, this coordinator's model, known segments
+    /// and a well-formed endpoint. Returns the hosted segments' indices.
+    pub fn admit(
+        &self,
+        worker_id: &str,
+        endpoint: &str,
+        segments: &[String],
+        model_hash: &str,
+    ) -> Result<Vec<usize>, ApiError> {
         if worker_id.is_empty() {
             // Heartbeats and logs name the worker; an empty id would match any lease.
             return Err(ApiError::new(
@@ -281,6 +321,30 @@ impl Registry {
                 format!("worker \"{worker_id}\" hosts no segment"),
             ));
         }
+        self.security.endpoint(endpoint).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("bad worker endpoint from \"{worker_id}\": {e}"),
+            )
+        })?;
+        Ok(indices)
+    }
+
+    /// Starts routing to an admitted worker under `lease_id`. `ttl` is the lease's time to
+    /// live when this process keeps the lease; `None` when a cluster store keeps it (the
+    /// store's watch removes the worker when its lease ends). A lease already present is
+    /// left as it is.
+    pub fn insert(
+        &self,
+        lease_id: u64,
+        worker_id: String,
+        endpoint: String,
+        segments: Vec<usize>,
+        ttl: Option<Duration>,
+    ) -> Result<(), ApiError> {
+        if self.lock().contains_key(&lease_id) {
+            return Ok(());
+        }
         let channel = self
             .security
             .endpoint(&endpoint)
@@ -293,50 +357,71 @@ impl Registry {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
-        let lease_id = self.new_lease_id()?;
+        let names: Vec<&str> = segments
+            .iter()
+            .map(|&s| self.model.segments()[s].id.as_str())
+            .collect();
+        tracing::info!(
+            lease_id,
+            worker_id,
+            endpoint,
+            segments = ?names,
+            shared = ttl.is_none(),
+            "worker registered"
+        );
+        // Leases kept by a cluster store never expire here.
+        let expires = Instant::now() + ttl.unwrap_or(Duration::from_secs(10 * 365 * 86_400));
         let entry = Arc::new(WorkerEntry {
             lease_id,
             worker_id: worker_id.clone(),
-            endpoint: endpoint.clone(),
-            segments: indices,
+            endpoint,
+            segments,
             link: WorkerLink::spawn(
-                worker_id.clone(),
+                worker_id,
                 BranchesClient::new(channel).max_decoding_message_size(64 << 20),
                 self.model.clone(),
                 self.security.clone(),
                 self.open_timeout,
             ),
             outstanding: AtomicU32::new(0),
+            routed: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            expires: Mutex::new(Instant::now() + self.ttl),
+            shared: ttl.is_none(),
+            expires: Mutex::new(expires),
             health: Mutex::new(Health::default()),
         });
-        self.lock().insert(lease_id, entry);
-        tracing::info!(
-            lease_id,
-            worker_id,
-            endpoint,
-            ?segments,
-            "worker registered"
-        );
+        self.lock().entry(lease_id).or_insert(entry);
         self.changed.notify_waiters();
-        Ok(lease_id)
+        Ok(())
+    }
+
+    /// Stops routing to the worker under `lease_id`; whether it was there.
+    pub fn remove(&self, lease_id: u64, why: &str) -> bool {
+        match self.lock().remove(&lease_id) {
+            Some(w) => {
+                tracing::info!(lease_id, worker_id = w.worker_id, why, "worker removed");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every lease present, for reconciling with a cluster store.
+    pub fn lease_ids(&self) -> Vec<u64> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// The worker id holding `lease_id`, if present.
+    pub fn holder(&self, lease_id: u64) -> Option<String> {
+        self.lock().get(&lease_id).map(|w| w.worker_id.clone())
     }
 
     /// A lease id nobody can guess (64 random bits from the OS) and not in use: holding it is
     /// what lets a worker renew or drop its lease, and ids never repeat across restarts.
     fn new_lease_id(&self) -> Result<u64, ApiError> {
-        let workers = self.lock();
         loop {
-            let mut bytes = [0u8; 8];
-            getrandom::fill(&mut bytes).map_err(|e| {
-                ApiError::new(
-                    ErrorCode::Internal,
-                    format!("no randomness for a lease id: {e}"),
-                )
-            })?;
-            let id = u64::from_le_bytes(bytes);
-            if id != 0 && !workers.contains_key(&id) {
+            let id = random_lease_id()?;
+            if !self.lock().contains_key(&id) {
                 return Ok(id);
             }
         }
@@ -362,15 +447,13 @@ impl Registry {
 
     /// Removes a worker.
     pub fn deregister(&self, lease_id: u64) -> Result<(), ApiError> {
-        match self.lock().remove(&lease_id) {
-            Some(w) => {
-                tracing::info!(lease_id, worker_id = w.worker_id, "worker deregistered");
-                Ok(())
-            }
-            None => Err(ApiError::new(
+        if self.remove(lease_id, "deregistered") {
+            Ok(())
+        } else {
+            Err(ApiError::new(
                 ErrorCode::NotFound,
                 format!("lease {lease_id} is unknown"),
-            )),
+            ))
         }
     }
 

@@ -2,11 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use spotlight_model::{Model, Plan, TaskSpec};
 use tokio::sync::watch;
 
+use crate::cluster::Etcd;
 use crate::error::{ApiError, ErrorCode};
 
 /// A task in force, with its resolved plan.
@@ -74,10 +76,18 @@ struct Persisted {
     spec: TaskSpec,
 }
 
+/// Where the task is kept.
+enum Store {
+    /// In this process, persisted to the file when one is given.
+    Local(Option<PathBuf>),
+    /// In etcd, shared by every coordinator replica (see `crate::cluster`).
+    Shared(Box<Etcd>),
+}
+
 /// Holds the task; every change is validated, persisted, then published.
 pub struct TaskState {
     model: Arc<Model>,
-    state_file: Option<PathBuf>,
+    store: Store,
     tx: watch::Sender<Arc<ActiveTask>>,
     // Serialises writers so versions and the file stay in step.
     write: tokio::sync::Mutex<()>,
@@ -114,10 +124,87 @@ impl TaskState {
         let (tx, _) = watch::channel(Arc::new(ActiveTask::new(&model, version, spec, plan)));
         Ok(Self {
             model,
-            state_file,
+            store: Store::Local(state_file),
             tx,
             write: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Loads the task shared by the replicas from etcd (retrying for up to `wait` while
+    /// etcd does not answer); returns it with the store revision to follow changes from
+    /// (see [`TaskState::install`]). No task in etcd yet: version 1, every category.
+    pub async fn open_shared(
+        model: Arc<Model>,
+        etcd: Etcd,
+        wait: Duration,
+    ) -> Result<(Self, i64), ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let (stored, revision) = loop {
+            match etcd.read_task().await {
+                Ok(r) => break r,
+                Err(e)
+                    if e.code == ErrorCode::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(error = %e.message, "waiting for etcd");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let (version, spec) = stored.unwrap_or((1, TaskSpec::default()));
+        let plan = model.plan(&spec).map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("the task in etcd does not fit model {}: {e}", model.name()),
+            )
+        })?;
+        let (tx, _) = watch::channel(Arc::new(ActiveTask::new(&model, version, spec, plan)));
+        let state = Self {
+            model,
+            store: Store::Shared(Box::new(etcd)),
+            tx,
+            write: tokio::sync::Mutex::new(()),
+        };
+        Ok((state, revision))
+    }
+
+    /// The shared store, when replicas share the task.
+    pub fn etcd(&self) -> Option<&Etcd> {
+        match &self.store {
+            Store::Shared(etcd) => Some(etcd),
+            Store::Local(_) => None,
+        }
+    }
+
+    /// Installs a task seen in the shared store at `version` (`None`: the task was deleted,
+    /// back to every category), unless a task as new is already in force. A stored task
+    /// this model cannot plan is logged and skipped.
+    pub fn install(&self, version: u64, spec: Option<TaskSpec>) {
+        let spec = spec.unwrap_or_default();
+        let plan = match self.model.plan(&spec) {
+            Ok(plan) => plan,
+            Err(e) => {
+                tracing::error!(version, error = %e, "ignoring a stored task this model cannot run");
+                return;
+            }
+        };
+        self.publish(Arc::new(ActiveTask::new(&self.model, version, spec, plan)));
+    }
+
+    /// Puts `task` in force if it is newer than the task in force.
+    fn publish(&self, task: Arc<ActiveTask>) {
+        let newer = self.tx.send_if_modified(|current| {
+            if task.version > current.version {
+                *current = task.clone();
+                true
+            } else {
+                false
+            }
+        });
+        if newer {
+            tracing::info!(version = task.version, categories = ?task.spec.categories, gains = ?task.spec.gains, "task changed");
+        }
     }
 
     /// The task in force now.
@@ -134,20 +221,26 @@ impl TaskState {
     pub async fn set(&self, spec: TaskSpec) -> Result<Arc<ActiveTask>, ApiError> {
         let plan = self.model.plan(&spec).map_err(crate::error::model_error)?;
         let _guard = self.write.lock().await;
-        let version = self.current().version + 1;
-        if let Some(path) = &self.state_file {
-            persist(
-                path,
-                &Persisted {
-                    version,
-                    spec: spec.clone(),
-                },
-            )
-            .await?;
-        }
+        let version = match &self.store {
+            Store::Local(file) => {
+                let version = self.current().version + 1;
+                if let Some(path) = file {
+                    persist(
+                        path,
+                        &Persisted {
+                            version,
+                            spec: spec.clone(),
+                        },
+                    )
+                    .await?;
+                }
+                version
+            }
+            // The write's revision orders it among every replica's changes.
+            Store::Shared(etcd) => etcd.write_task(&spec).await?,
+        };
         let task = Arc::new(ActiveTask::new(&self.model, version, spec, plan));
-        self.tx.send_replace(task.clone());
-        tracing::info!(version, categories = ?task.spec.categories, gains = ?task.spec.gains, "task changed");
+        self.publish(task.clone());
         Ok(task)
     }
 }

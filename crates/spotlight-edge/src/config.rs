@@ -13,7 +13,9 @@ use crate::EdgeError;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeConfig {
-    /// Coordinator endpoint, e.g. `http://127.0.0.1:7000`.
+    /// Coordinator endpoint, e.g. `http://127.0.0.1:7000`; several, comma-separated, for
+    /// coordinator replicas: the edge uses the first and moves to the next whenever the
+    /// stream breaks (re-sending the unanswered frames there).
     pub coordinator: String,
     /// How frames travel: `grpc` (HTTP/2 over TCP) or `quic` (UDP, to the same address; a
     /// lost packet delays only the frames it carries).
@@ -145,17 +147,30 @@ impl ReconnectConfig {
 }
 
 impl EdgeConfig {
+    /// The coordinator endpoints, in the order they are tried (never empty after
+    /// [`EdgeConfig::validate`]).
+    pub fn coordinators(&self) -> Vec<&str> {
+        let list: Vec<&str> = self
+            .coordinator
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        if list.is_empty() { vec![""] } else { list }
+    }
+
     /// Checks values that deserialisation cannot.
     pub fn validate(&self) -> Result<(), EdgeError> {
         let bad = |m: String| Err(EdgeError::Config(m));
         if self.quic_stream_frames == 0 {
             return bad("quic_stream_frames must be >= 1".into());
         }
-        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
-            return bad(format!(
-                "coordinator \"{}\" is not an http:// or https:// URL",
-                self.coordinator
-            ));
+        for c in self.coordinators() {
+            if !(c.starts_with("http://") || c.starts_with("https://")) {
+                return bad(format!(
+                    "coordinator \"{c}\" is not an http:// or https:// URL"
+                ));
+            }
         }
         if self.edge_id.trim().is_empty() {
             return bad("edge_id is empty".into());

@@ -110,7 +110,14 @@ async fn run_validated(
     options: RunOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Summary, EdgeError> {
-    let endpoint = endpoint(&options.security, &config.coordinator)?;
+    let mut endpoints = config
+        .coordinators()
+        .into_iter()
+        .map(|c| Ok((c.to_string(), endpoint(&options.security, c)?)))
+        .collect::<Result<std::collections::VecDeque<_>, EdgeError>>()?;
+    let (coordinator, endpoint) = endpoints
+        .pop_front()
+        .ok_or_else(|| EdgeError::Config("no coordinator endpoint".into()))?;
     let security = options.security.clone();
     let dataset = {
         let (source, model) = (config.source.clone(), model.clone());
@@ -228,7 +235,7 @@ async fn run_validated(
     };
     let driver = StreamDriver::new(
         endpoint,
-        config.coordinator.clone(),
+        coordinator,
         hello,
         config.reconnect.clone(),
         config.drain_timeout(),
@@ -242,6 +249,7 @@ async fn run_validated(
     driver.security = security;
     driver.transport = config.transport;
     driver.quic_stream_frames = config.quic_stream_frames;
+    driver.alternates = endpoints;
     let mut driver = tokio::spawn(driver.run().in_current_span());
     let shutdown = std::pin::pin!(shutdown);
     let result = tokio::select! {

@@ -242,6 +242,8 @@ pub(crate) struct StreamDriver {
     pub transport: Transport,
     /// QUIC: frames per stream (a lost packet holds up at most these).
     pub quic_stream_frames: usize,
+    /// Other coordinator replicas, tried in turn when the stream breaks.
+    pub alternates: std::collections::VecDeque<(String, Endpoint)>,
     input_open: bool,
     deadline: Option<tokio::time::Instant>,
 }
@@ -273,6 +275,7 @@ impl StreamDriver {
             security: spotlight_service::Security::insecure(),
             transport: Transport::Grpc,
             quic_stream_frames: 1,
+            alternates: Default::default(),
             input_open: true,
             deadline: None,
         }
@@ -315,6 +318,7 @@ impl StreamDriver {
                 }
                 SessionEnd::Broken(reason) => {
                     failures += 1;
+                    self.fail_over();
                     if failures >= self.reconnect.max_attempts {
                         let unanswered = self.window.len() as u64;
                         let e = EdgeError::Unreachable {
@@ -343,6 +347,16 @@ impl StreamDriver {
                     }
                 }
             }
+        }
+    }
+
+    /// Moves to the next coordinator replica, if there are several.
+    fn fail_over(&mut self) {
+        if let Some((coordinator, endpoint)) = self.alternates.pop_front() {
+            let old = std::mem::replace(&mut self.coordinator, coordinator);
+            let old_endpoint = std::mem::replace(&mut self.endpoint, endpoint);
+            tracing::info!(from = %old, to = %self.coordinator, "moving to another coordinator replica");
+            self.alternates.push_back((old, old_endpoint));
         }
     }
 

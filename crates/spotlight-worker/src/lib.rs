@@ -44,7 +44,8 @@ pub struct WorkerConfig {
     pub http_listen: SocketAddr,
     /// Address the coordinator should call; default `http://<listen>`.
     pub advertise: Option<String>,
-    /// Coordinator gRPC endpoint to register with.
+    /// Coordinator gRPC endpoint to register with; several, comma-separated, for coordinator
+    /// replicas sharing etcd (the worker moves to the next when one cannot be reached).
     pub coordinator: String,
     /// Top-level segment ids hosted, each with its nested segments; empty = all.
     pub branches: Vec<String>,

@@ -33,13 +33,31 @@ impl Registration {
     /// (other model, unknown segment) is final.
     pub(crate) async fn keep(self, stop: impl Future<Output = ()>) -> Result<(), WorkerError> {
         tokio::pin!(stop);
-        let channel = self
-            .security
-            .endpoint(&self.coordinator)
-            .map_err(|e| WorkerError::Registration(format!("coordinator endpoint: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        let mut client = RegistryClient::new(channel);
+        // Coordinator replicas: one client each, used in turn; the worker moves to the next
+        // when a call cannot reach the one it uses (the lease lives in the replicas' shared
+        // store, so any of them renews it).
+        let clients = self
+            .coordinator
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                let channel = self
+                    .security
+                    .endpoint(c)
+                    .map_err(|e| {
+                        WorkerError::Registration(format!("coordinator endpoint {c}: {e}"))
+                    })?
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect_lazy();
+                Ok((c.to_string(), RegistryClient::new(channel)))
+            })
+            .collect::<Result<Vec<_>, WorkerError>>()?;
+        if clients.is_empty() {
+            return Err(WorkerError::Registration("no coordinator endpoint".into()));
+        }
+        let mut current = 0;
+        let mut client = clients[current].1.clone();
         let mut backoff = Duration::from_millis(100);
         let mut lease: Option<u64> = None;
         loop {
@@ -60,7 +78,9 @@ impl Registration {
                         )));
                     }
                     Err(status) => {
-                        tracing::warn!(coordinator = self.coordinator, error = %status.message(), retry_in = ?backoff, "cannot register yet");
+                        tracing::warn!(coordinator = clients[current].0, error = %status.message(), retry_in = ?backoff, "cannot register yet");
+                        current = (current + 1) % clients.len();
+                        client = clients[current].1.clone();
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         backoff / 2
                     }
@@ -80,6 +100,8 @@ impl Registration {
                             self.readiness.set_registered(false);
                             Duration::ZERO
                         } else {
+                            current = (current + 1) % clients.len();
+                            client = clients[current].1.clone();
                             self.heartbeat.min(Duration::from_millis(500))
                         }
                     }

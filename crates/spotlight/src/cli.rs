@@ -211,6 +211,10 @@ pub struct CoordinatorArgs {
     /// File the task is persisted to.
     #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// etcd endpoints shared by coordinator replicas (comma-separated http:// URLs): the
+    /// task and the worker registry live there. Unset: one coordinator, state_file.
+    #[arg(long)]
+    pub etcd: Option<String>,
 }
 
 #[derive(Debug, Args)]

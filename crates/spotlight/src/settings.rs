@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use spotlight_coordinator::CoordinatorConfig;
+use spotlight_coordinator::cluster::ClusterConfig;
 use spotlight_edge::EdgeConfig;
 use spotlight_service::SecurityConfig;
 use spotlight_worker::WorkerConfig;
@@ -22,6 +23,7 @@ pub struct Settings {
     /// TLS and credentials of this process (`spotlight certs` writes a development set).
     pub security: SecurityConfig,
     pub coordinator: CoordinatorConfig,
+    pub cluster: ClusterConfig,
     pub worker: WorkerConfig,
     pub edge: EdgeConfig,
     pub up: UpSettings,
@@ -35,6 +37,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             security: SecurityConfig::default(),
             coordinator: CoordinatorConfig::default(),
+            cluster: ClusterConfig::default(),
             worker: WorkerConfig::default(),
             edge: EdgeConfig::default(),
             up: UpSettings::default(),
@@ -96,6 +99,15 @@ pub struct Sources {
     pub overrides: Vec<(String, String)>,
 }
 
+/// `SPOTLIGHT_…` variables that are not settings: clap's `SPOTLIGHT_CONFIG` (the config
+/// file's path), and the service links Kubernetes injects for a Service named `spotlight-…`
+/// (`SPOTLIGHT_COORDINATOR_SERVICE_HOST`, `SPOTLIGHT_COORDINATOR_PORT_7000_TCP`, …), which have
+/// no `__` section separator. Anything else unknown is still an error, so typos show.
+fn not_a_setting(key: &str) -> bool {
+    key == "SPOTLIGHT_CONFIG"
+        || (!key.contains("__") && (key.contains("_SERVICE_") || key.contains("_PORT")))
+}
+
 impl Settings {
     /// Layers the sources over the defaults and validates the result.
     pub fn load(sources: &Sources) -> Result<Self, String> {
@@ -110,7 +122,7 @@ impl Settings {
         let env: HashMap<String, String> = sources
             .env
             .iter()
-            .filter(|(k, _)| k.starts_with("SPOTLIGHT_"))
+            .filter(|(k, _)| k.starts_with("SPOTLIGHT_") && !not_a_setting(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
@@ -121,6 +133,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("worker.branches")
                 .with_list_parse_key("up.switch_to")
+                .with_list_parse_key("cluster.etcd")
                 .source(Some(env)),
         );
         for (key, value) in &sources.overrides {
@@ -138,6 +151,13 @@ impl Settings {
 
     fn validate(&self) -> Result<(), String> {
         self.coordinator.validate()?;
+        self.cluster.validate()?;
+        if self.cluster.enabled() && self.coordinator.state_file.is_some() {
+            return Err(
+                "coordinator.state_file and cluster.etcd are exclusive: with etcd the task lives in etcd"
+                    .into(),
+            );
+        }
         if !(0.0..=1.0).contains(&self.up.switch_at) {
             return Err(format!(
                 "up.switch_at must be within 0..1, got {}",
@@ -206,6 +226,28 @@ mod tests {
             vec!["footwear".to_string(), "other".to_string()]
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_config_path_and_kubernetes_service_links_are_not_settings() {
+        let sources = Sources {
+            env: env(&[
+                ("SPOTLIGHT_CONFIG", "/etc/spotlight/coordinator.toml"),
+                ("SPOTLIGHT_COORDINATOR_SERVICE_HOST", "10.0.0.1"),
+                ("SPOTLIGHT_COORDINATOR_SERVICE_PORT_GRPC", "7000"),
+                ("SPOTLIGHT_COORDINATOR_PORT", "tcp://10.0.0.1:7000"),
+                ("SPOTLIGHT_COORDINATOR_PORT_7000_TCP_ADDR", "10.0.0.1"),
+                ("SPOTLIGHT_CLUSTER__ETCD", "http://a:2379,http://b:2379"),
+            ]),
+            ..Sources::default()
+        };
+        let s = Settings::load(&sources).unwrap();
+        assert_eq!(s.cluster.etcd, vec!["http://a:2379", "http://b:2379"]);
+        let typo = Sources {
+            env: env(&[("SPOTLIGHT_MODLE", "x")]),
+            ..Sources::default()
+        };
+        assert!(Settings::load(&typo).unwrap_err().contains("modle"));
     }
 
     #[test]

@@ -1,8 +1,7 @@
-//! Faults and lifecycle, each with real `spotlight` processes on loopback (ports from the
-//! OS): a worker killed mid-stream, a worker that hangs, a "worker" that answers bytes that
-//! are not HTTP/2, a coordinator stopped with watches and streams open, every replica of a
-//! branch gone; probes and metrics on every role, and a worker drained with SIGTERM under
-//! load. Each test measures the bound it promises and prints what it measured
+//! Faults, each with real `spotlight` processes on loopback (ports from the OS): a worker
+//! killed mid-stream, a worker that hangs, a "worker" that answers bytes that are not
+//! HTTP/2, a coordinator stopped with watches and streams open, every replica of a
+//! branch gone, and a worker drained with SIGTERM under load. Each test measures the bound it promises and prints what it measured
 //! (`cargo test -p spotlight --test faults -- --nocapture`).
 //!
 //! The tests take one lock, so their timings are not disturbed by each other.
@@ -10,11 +9,12 @@
 // Test helpers may panic; `Proc` waits for its child on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::zombie_processes)]
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::cloud_message::Kind;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_spotlight");
+use support::{Coordinator, coordinator, http_get, repo, scrape, sum, try_get, value};
+
 const UNAVAILABLE: i32 = tonic::Code::Unavailable as i32;
 const DEADLINE_EXCEEDED: i32 = tonic::Code::DeadlineExceeded as i32;
 
@@ -33,192 +34,6 @@ const DEADLINE_EXCEEDED: i32 = tonic::Code::DeadlineExceeded as i32;
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A role process, killed when dropped; its log lines are kept.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends `signal` (STOP, CONT, TERM) with kill(1).
-    fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{signal} {}", self.pid());
-    }
-
-    fn logged(&self, text: &str) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
-    }
-}
-
-/// Starts a role with JSON logs and `env`; returns it with its first log line containing
-/// `marker` (30 s at most).
-fn start(args: &[&str], env: &[(&str, &str)], marker: &str) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .arg("--insecure")
-        .args(args)
-        .args(["--log-format", "json"])
-        .current_dir(repo())
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let lines = lines.clone();
-        let marker = marker.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains(&marker) {
-                    let _ = tx.send(line.clone());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-    }
-    let proc = Proc { child, lines };
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("no \"{marker}\" from {args:?}"));
-    (proc, line)
-}
-
-/// Extracts `127.0.0.1:PORT` following `key` in a log line.
-fn addr_after(line: &str, key: &str) -> SocketAddr {
-    let rest = &line[line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len()..];
-    let start = rest.find("127.0.0.1:").unwrap();
-    rest[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect::<String>()
-        .parse()
-        .unwrap()
-}
-
-/// A coordinator process and its addresses.
-struct Coordinator {
-    proc: Proc,
-    grpc: String,
-    http: SocketAddr,
-}
-
-fn coordinator(env: &[(&str, &str)]) -> Coordinator {
-    let (proc, line) = start(
-        &[
-            "coordinator",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
-        env,
-        "coordinator serving",
-    );
-    Coordinator {
-        grpc: format!("http://{}", addr_after(&line, "\"grpc\"")),
-        http: addr_after(&line, "\"http\""),
-        proc,
-    }
-}
-
-impl Coordinator {
-    /// A worker hosting every branch, registered.
-    fn worker(&self, id: &str, env: &[(&str, &str)]) -> Proc {
-        start(
-            &[
-                "worker",
-                "--coordinator",
-                &self.grpc,
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--id",
-                id,
-            ],
-            env,
-            "registered with coordinator",
-        )
-        .0
-    }
-
-    /// `GET /v1/workers`, by worker id.
-    fn workers(&self) -> HashMap<String, serde_json::Value> {
-        let (status, body) = http_get(self.http, "/v1/workers");
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| (w["worker_id"].as_str().unwrap().to_string(), w.clone()))
-            .collect()
-    }
-
-    /// Polls `GET /v1/workers` until `done` holds (every 20 ms, `limit` at most); returns
-    /// how long it took.
-    fn wait_workers(
-        &self,
-        limit: Duration,
-        what: &str,
-        done: impl Fn(&HashMap<String, serde_json::Value>) -> bool,
-    ) -> Duration {
-        let started = Instant::now();
-        loop {
-            let w = self.workers();
-            if done(&w) {
-                return started.elapsed();
-            }
-            assert!(started.elapsed() < limit, "{what} within {limit:?}: {w:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// A plain HTTP/1.1 GET; returns the status and the body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_string())
 }
 
 /// The shipped model, and feature tensors of the first 256 test images from the edge's
@@ -953,240 +768,6 @@ async fn frames_a_full_replica_refuses_go_to_another() {
     assert_eq!(w["small"]["ejections"], 0, "overload does not eject");
 }
 
-// Lifecycle: probes, metrics and drains, with the same real processes.
-
-impl Proc {
-    /// The first log line containing `text`.
-    fn line(&self, text: &str) -> Option<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains(text))
-            .cloned()
-    }
-
-    /// Waits (bounded by `limit`) for the process to exit; its status and how long it took.
-    fn wait_exit(
-        &mut self,
-        since: Instant,
-        limit: Duration,
-    ) -> (std::process::ExitStatus, Duration) {
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, since.elapsed());
-            }
-            assert!(
-                since.elapsed() < limit,
-                "still running {limit:?} after the signal"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-/// The status of a `GET`, or `None` when nothing answers.
-fn try_get(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split(' ').nth(1)?.parse().ok()
-}
-
-/// `GET /metrics` at `addr`, as sample values by name with labels.
-fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let (status, body) = http_get(addr, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    spotlight_service::metrics::parse_text(&body)
-}
-
-/// A sample's value, 0 when absent.
-fn value(m: &HashMap<String, f64>, name: &str) -> f64 {
-    m.get(name).copied().unwrap_or(0.0)
-}
-
-/// The sum of every sample whose name (with labels) starts with `prefix`.
-fn sum(m: &HashMap<String, f64>, prefix: &str) -> f64 {
-    m.iter()
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(_, v)| v)
-        .sum::<f64>()
-        + 0.0
-}
-
-/// A worker hosting every branch, with its HTTP (probes, metrics) address.
-fn worker_with_http(c: &Coordinator, id: &str, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
-    let w = c.worker(id, env);
-    let line = w
-        .line("worker probes and metrics listening")
-        .expect("the worker logs its HTTP address");
-    let http = addr_after(&line, "\"http\"");
-    (w, http)
-}
-
-/// Every role answers `/livez`, `/readyz` and `/metrics`, and the counters move with the
-/// frames: a coordinator, a worker and an edge agent as processes; the edge streams 50
-/// test images and keeps its local API open.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_role_answers_probes_and_metrics_and_counters_follow_the_frames() {
-    let _serial = serial().await;
-    let c = coordinator(&[]);
-    // No worker yet: alive, not ready.
-    assert_eq!(http_get(c.http, "/livez").0, 200);
-    let (status, body) = http_get(c.http, "/readyz");
-    assert_eq!(status, 503, "{body}");
-    let (mut w, w_http) = worker_with_http(&c, "w", &[]);
-    c.wait_workers(Duration::from_secs(30), "worker w", |w| w.len() == 1);
-    assert_eq!(http_get(c.http, "/readyz").0, 200);
-    assert_eq!(http_get(w_http, "/livez").0, 200);
-    let (status, body) = http_get(w_http, "/readyz");
-    assert_eq!((status, body.as_str()), (200, "ready\n"));
-    // Prometheus text, with the content type scrapers expect.
-    let (status, text) = http_get(w_http, "/metrics");
-    assert_eq!(status, 200);
-    assert!(
-        text.contains("# TYPE spotlight_worker_queue_wait_seconds histogram"),
-        "{text}"
-    );
-
-    let (mut edge, line) = start(
-        &[
-            "edge",
-            "--coordinator",
-            &c.grpc,
-            "--listen",
-            "127.0.0.1:0",
-            "--idx-images",
-            "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
-            "--limit",
-            "50",
-        ],
-        &[],
-        "local API listening",
-    );
-    let e_http = addr_after(&line, "\"addr\"");
-    assert_eq!(http_get(e_http, "/livez").0, 200);
-    // Ready once connected; the 50 frames are answered meanwhile.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let edge_metrics = loop {
-        let m = scrape(e_http);
-        if value(&m, "spotlight_edge_frames_answered_total") >= 50.0 {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "edge answered 50 frames: {m:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(http_get(e_http, "/readyz").0, 200);
-    assert_eq!(value(&edge_metrics, "spotlight_edge_connected"), 1.0);
-    assert_eq!(
-        value(&edge_metrics, "spotlight_edge_frames_answered_total"),
-        50.0
-    );
-    assert_eq!(sum(&edge_metrics, "spotlight_edge_frame_errors_total"), 0.0);
-    assert_eq!(
-        value(&edge_metrics, "spotlight_edge_round_trip_seconds_count"),
-        50.0
-    );
-    assert_eq!(
-        value(&edge_metrics, "spotlight_edge_encode_seconds_count"),
-        50.0
-    );
-    assert!(value(&edge_metrics, "spotlight_edge_backbone_seconds_count") >= 1.0);
-    assert!(
-        value(
-            &edge_metrics,
-            "spotlight_edge_wire_bytes_total{direction=\"out\"}"
-        ) > 0.0
-    );
-    assert!(
-        value(
-            &edge_metrics,
-            "spotlight_edge_wire_bytes_total{direction=\"in\"}"
-        ) > 0.0
-    );
-    assert_eq!(value(&edge_metrics, "spotlight_edge_task_version"), 1.0);
-
-    let cm = scrape(c.http);
-    assert_eq!(
-        value(&cm, "spotlight_coordinator_frames_received_total"),
-        50.0
-    );
-    assert_eq!(
-        value(&cm, "spotlight_coordinator_frames_answered_total"),
-        50.0
-    );
-    assert_eq!(sum(&cm, "spotlight_coordinator_frame_errors_total"), 0.0);
-    assert_eq!(
-        value(&cm, "spotlight_coordinator_frame_seconds_count"),
-        50.0
-    );
-    assert_eq!(
-        value(
-            &cm,
-            "spotlight_coordinator_segments_run_total{segment=\"tops\"}"
-        ),
-        50.0
-    );
-    assert_eq!(
-        value(
-            &cm,
-            "spotlight_coordinator_live_replicas{segment=\"footwear\"}"
-        ),
-        1.0
-    );
-    assert!(value(&cm, "spotlight_coordinator_cloud_macs_total") > 0.0);
-    assert_eq!(value(&cm, "spotlight_coordinator_ready"), 1.0);
-    assert_eq!(value(&cm, "spotlight_coordinator_task_version"), 1.0);
-
-    // The worker hosts the three top-level branches; the coordinator sends it each frame
-    // once per branch.
-    let wm = scrape(w_http);
-    assert_eq!(
-        value(&wm, "spotlight_worker_frames_received_total{worker=\"w\"}"),
-        150.0
-    );
-    assert_eq!(
-        value(&wm, "spotlight_worker_frames_answered_total{worker=\"w\"}"),
-        150.0
-    );
-    assert_eq!(
-        value(
-            &wm,
-            "spotlight_worker_segment_frames_total{worker=\"w\",segment=\"footwear\"}"
-        ),
-        50.0
-    );
-    assert_eq!(
-        value(
-            &wm,
-            "spotlight_worker_queue_wait_seconds_count{worker=\"w\"}"
-        ),
-        150.0
-    );
-    assert_eq!(
-        value(&wm, "spotlight_worker_queue_depth{worker=\"w\"}"),
-        0.0
-    );
-    assert_eq!(value(&wm, "spotlight_worker_ready{worker=\"w\"}"), 1.0);
-
-    // Both stop cleanly on SIGTERM.
-    edge.signal("TERM");
-    let (status, _) =
-        tokio::task::block_in_place(|| edge.wait_exit(Instant::now(), Duration::from_secs(15)));
-    assert!(status.success(), "edge exit {status:?}");
-    w.signal("TERM");
-    let (status, took) =
-        tokio::task::block_in_place(|| w.wait_exit(Instant::now(), Duration::from_secs(15)));
-    assert!(status.success(), "worker exit {status:?}");
-    eprintln!("probes: worker idle drain took {:.0} ms", ms(took));
-}
-
 /// SIGTERM to a worker under load while another replica serves its branches: it turns
 /// unready, deregisters, answers the frames it already has, and exits 0 within its drain
 /// timeout; every frame is predicted, none fails, and the coordinator counts no error.
@@ -1196,8 +777,7 @@ async fn a_worker_stopped_with_sigterm_under_load_drains_and_loses_no_frame() {
     const DRAIN_MS: u64 = 5000;
     let drain_ms = DRAIN_MS.to_string();
     let c = coordinator(&[]);
-    let (mut a, a_http) = worker_with_http(
-        &c,
+    let (mut a, a_http) = c.worker_with_http(
         "a",
         &[("SPOTLIGHT_WORKER__DRAIN_TIMEOUT_MS", drain_ms.as_str())],
     );
@@ -1285,8 +865,7 @@ async fn a_draining_worker_hands_back_what_it_cannot_finish_and_no_frame_fails()
     const DRAIN_MS: u64 = 600;
     let drain_ms = DRAIN_MS.to_string();
     let c = coordinator(&[]);
-    let (mut slow, _) = worker_with_http(
-        &c,
+    let (mut slow, _) = c.worker_with_http(
         "slow",
         &[
             ("SPOTLIGHT_WORKER__DRAIN_TIMEOUT_MS", drain_ms.as_str()),
@@ -1335,59 +914,4 @@ async fn a_draining_worker_hands_back_what_it_cannot_finish_and_no_frame_fails()
         &errors[..errors.len().min(5)]
     );
     assert_eq!(sum(&cm, "spotlight_coordinator_frame_errors_total"), 0.0);
-}
-
-/// `spotlight up` runs every role in one process; the coordinator's `GET /metrics` serves
-/// all of them: coordinator, each worker (by its `worker` label) and the edge.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spotlight_up_serves_every_role_s_metrics_on_the_coordinator() {
-    let _serial = serial().await;
-    let (mut up, line) = start(
-        &[
-            "up",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--limit",
-            "200",
-            "--switch-to",
-            "none",
-            "--serve",
-        ],
-        // With --serve the edge streams only the source it is given.
-        &[(
-            "SPOTLIGHT_EDGE__SOURCE__IDX__IMAGES",
-            "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
-        )],
-        "serving until Ctrl-C",
-    );
-    let http = addr_after(&line, "curl -s ");
-    let m = scrape(http);
-    assert_eq!(value(&m, "spotlight_edge_frames_answered_total"), 200.0);
-    assert_eq!(
-        value(&m, "spotlight_coordinator_frames_answered_total"),
-        200.0
-    );
-    for worker in ["tops-0", "footwear-0", "other-0"] {
-        assert_eq!(
-            value(
-                &m,
-                &format!("spotlight_worker_frames_answered_total{{worker=\"{worker}\"}}")
-            ),
-            200.0,
-            "{worker}"
-        );
-    }
-    // Each family once, whatever shares the registry.
-    let (_, text) = http_get(http, "/metrics");
-    assert_eq!(
-        text.matches("# TYPE spotlight_worker_frames_received_total counter")
-            .count(),
-        1
-    );
-    up.signal("TERM");
-    let (status, _) =
-        tokio::task::block_in_place(|| up.wait_exit(Instant::now(), Duration::from_secs(30)));
-    assert!(status.success(), "exit {status:?}");
 }

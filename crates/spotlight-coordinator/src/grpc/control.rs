@@ -115,12 +115,17 @@ impl pb::control_server::Control for ControlService {
                         .map(|&s| m.segments()[s].id.clone())
                         .collect(),
                     outstanding: w.outstanding.load(std::sync::atomic::Ordering::Relaxed),
-                    lease_remaining_ms: w.lease_remaining().as_millis() as u32,
+                    lease_remaining_ms: match w.shared {
+                        true => 0,
+                        false => w.lease_remaining().as_millis().min(u32::MAX as u128) as u32,
+                    },
                     failures: w.failures.load(std::sync::atomic::Ordering::Relaxed),
                     consecutive_failures: health.consecutive_failures,
                     ejections: health.ejections,
                     ejected_remaining_ms: health.ejected_for.as_millis().min(u32::MAX as u128)
                         as u32,
+                    frames_routed: w.routed.load(std::sync::atomic::Ordering::Relaxed),
+                    lease_in_etcd: w.shared,
                 }
             })
             .collect();

@@ -50,6 +50,11 @@ pub fn coordinator_overrides(a: &CoordinatorArgs) -> Vec<(String, String)> {
         "coordinator.state_file",
         a.state_file.as_ref().map(|p| p.display().to_string()),
     );
+    if let Some(e) = &a.etcd {
+        for (i, endpoint) in split_list(e).iter().enumerate() {
+            o.push((format!("cluster.etcd[{i}]"), endpoint.clone()));
+        }
+    }
     o
 }
 
@@ -74,6 +79,7 @@ pub async fn coordinator(settings: Settings) -> anyhow::Result<()> {
     let model = load_model(&settings)?;
     let mut c = settings.coordinator;
     c.security = security;
+    c.cluster = settings.cluster;
     let grpc = TcpListener::bind(c.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC {}", c.grpc_listen))?;
