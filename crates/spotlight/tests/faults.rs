@@ -865,7 +865,7 @@ async fn a_draining_worker_hands_back_what_it_cannot_finish_and_no_frame_fails()
     const DRAIN_MS: u64 = 600;
     let drain_ms = DRAIN_MS.to_string();
     let c = coordinator(&[]);
-    let (mut slow, _) = c.worker_with_http(
+    let (mut slow, slow_http) = c.worker_with_http(
         "slow",
         &[
             ("SPOTLIGHT_WORKER__DRAIN_TIMEOUT_MS", drain_ms.as_str()),
@@ -879,6 +879,20 @@ async fn a_draining_worker_hands_back_what_it_cannot_finish_and_no_frame_fails()
 
     let load = Load::start(&c.grpc, 32, Some(2000)).await;
     load.wait_answered(300).await;
+    // Signal it just after it took a batch, once new frames wait in its queue: they would
+    // wait about a second more, well past the point where the drain gives up on them.
+    let depth = "spotlight_worker_queue_depth{worker=\"slow\"}";
+    let taken = "spotlight_worker_queue_wait_seconds_count{worker=\"slow\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = value(&scrape(slow_http), taken);
+    let queued = loop {
+        let m = scrape(slow_http);
+        if value(&m, taken) > before && value(&m, depth) > 0.0 {
+            break value(&m, depth);
+        }
+        assert!(Instant::now() < deadline, "frames queue on the slow worker");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
     slow.signal("TERM");
     let term = Instant::now();
     let (status, took) =
@@ -891,8 +905,9 @@ async fn a_draining_worker_hands_back_what_it_cannot_finish_and_no_frame_fails()
         "spotlight_coordinator_rerouted_frames_total{reason=\"handed_back\"}",
     );
     eprintln!(
-        "hand-back: slow exited {:.0} ms after SIGTERM (drain_timeout_ms {DRAIN_MS}); \
-         {} frames, {} errors; coordinator re-ran {handed_back} handed-back frames; log: {:?}",
+        "hand-back: {queued} frames queued on slow at SIGTERM; it exited {:.0} ms after \
+         (drain_timeout_ms {DRAIN_MS}); {} frames, {} errors; coordinator re-ran \
+         {handed_back} handed-back frames; log: {:?}",
         ms(took),
         answers.len(),
         errors.len(),
