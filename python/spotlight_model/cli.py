@@ -1,4 +1,4 @@
-"""Command line: python -m spotlight_model {train,export,evaluate,all}."""
+"""Command line: python -m spotlight_model {train,export,evaluate,all,remanifest,attention}."""
 
 from __future__ import annotations
 
@@ -162,6 +162,11 @@ def cmd_export(args) -> None:
     log(f"exported {out} ({size / 1e6:.2f} MB) {manifest['content_hash']}")
 
 
+def cmd_remanifest(args) -> None:
+    from .package import remanifest
+    remanifest(_rel(args.out, DEFAULT_OUT), log=log)
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -219,6 +224,10 @@ def main(argv=None) -> None:
     common(sp); export_opts(sp); sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("evaluate", help="evaluate on the test set, write model_card.md + results JSON")
     common(sp); eval_opts(sp); sp.set_defaults(fn=cmd_evaluate)
+    sp = sub.add_parser("remanifest", help="rewrite manifest.json of an existing package (upgrading a "
+                        "spotlight.model/v1 one), keeping its ONNX files byte for byte")
+    sp.add_argument("--out", default=None, help=f"package dir (default <repo>/{DEFAULT_OUT})")
+    sp.set_defaults(fn=cmd_remanifest)
     sp = sub.add_parser("all", help="train + export + evaluate")
     common(sp); train_opts(sp); export_opts(sp); eval_opts(sp); sp.set_defaults(fn=cmd_all)
     args = p.parse_args(argv)
