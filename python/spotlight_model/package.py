@@ -155,6 +155,7 @@ def export_package(model: NestedNet, out_dir: str | Path, *, name: str, mean, st
     seal(manifest, out)
     write_manifest(manifest, out)
     # what the manifest states is checked against what was written
+    check_output_range(out, manifest)
     check_costs(out, manifest)
     check_gain_semantics(out)
     return manifest
@@ -171,12 +172,6 @@ def remanifest(pkg_dir: str | Path, log=print) -> dict:
     if schema not in SUPPORTED_SCHEMAS + UPGRADABLE_SCHEMAS:
         check_schema(schema)
     if schema in UPGRADABLE_SCHEMAS:
-        import onnx
-        bb = onnx.load(str(pkg / old["backbone"]["file"]))
-        last = [n for n in bb.graph.node if old["backbone"]["output"] in n.output]
-        if not last or last[0].op_type != "Tanh":
-            raise ValueError(f"{pkg}: the backbone output is not a tanh; cannot declare its range as "
-                             f"{list(Backbone.OUTPUT_RANGE)}: re-export the package instead")
         m = {"schema": SCHEMA}
         for k, v in old.items():
             if k == "schema":
@@ -191,6 +186,7 @@ def remanifest(pkg_dir: str | Path, log=print) -> dict:
                          "params": old["backbone"]["params"], "macs": old["backbone"]["macs"]}
     else:
         m = dict(old)
+    check_output_range(pkg, m)
     check_costs(pkg, m)
     check_gain_semantics(pkg, m)
     seal(m, pkg)
@@ -205,6 +201,19 @@ def remanifest(pkg_dir: str | Path, log=print) -> dict:
             card.write_text(new, encoding="utf-8")
     log(f"{pkg}: {schema} -> {SCHEMA}, content hash {old.get('content_hash')} -> {m['content_hash']}")
     return m
+
+
+def check_output_range(pkg_dir: str | Path, manifest: dict) -> None:
+    """The range the manifest declares for the backbone output must be the tanh's, and the
+    backbone graph must end in a Tanh."""
+    import onnx
+    bb = manifest["backbone"]
+    graph = onnx.load(str(Path(pkg_dir) / bb["file"])).graph
+    last = [n for n in graph.node if bb["output"] in n.output]
+    tanh = list(Backbone.OUTPUT_RANGE)
+    if not last or last[0].op_type != "Tanh" or bb.get("output_range") != tanh:
+        raise ValueError(f"{pkg_dir}: the backbone output is not a tanh declared with range {tanh}; "
+                         "re-export the package")
 
 
 def check_gain_semantics(pkg_dir: str | Path, manifest: dict | None = None, n: int = 8, seed: int = 0) -> None:
