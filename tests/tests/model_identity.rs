@@ -36,7 +36,7 @@ fn swapped_package() -> (tempfile::TempDir, Arc<Model>) {
     std::fs::write(&path, manifest.to_string()).expect("write");
     let err = Model::load(dir.path()).expect_err("stale hash");
     assert!(err.to_string().contains("is corrupt or modified"), "{err}");
-    manifest["content_hash"] = spotlight_model::content_hash(&manifest)
+    manifest["content_hash"] = spotlight_model::content_hash(&manifest.to_string())
         .expect("hash")
         .into();
     std::fs::write(&path, manifest.to_string()).expect("write");

@@ -2,10 +2,11 @@
 //! every file of a package is the one the manifest lists. `docs/model-package.md` ("Content
 //! hash") defines both; `python/spotlight_model/integrity.py` computes the same bytes.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::{Manifest, ModelError};
@@ -21,74 +22,99 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     out
 }
 
-/// The content hash of a manifest: the digest of the canonical JSON of the manifest without
-/// its `content_hash` member. Every other member counts, `files` included, so the hash covers
-/// the category order, the normalisation, the tree, the tensor specs, the gain semantics and,
-/// through the per-file digests, every file.
-pub fn content_hash(manifest: &Value) -> Result<String, ModelError> {
-    let Value::Object(members) = manifest else {
-        return Err(ModelError::Invalid("manifest is not a JSON object".into()));
-    };
-    let mut rest = members.clone();
-    rest.remove("content_hash");
-    Ok(sha256_digest(
-        canonical_json(&Value::Object(rest))?.as_bytes(),
-    ))
+/// The content hash of a manifest given as JSON text: the digest of the canonical JSON of the
+/// manifest without its `content_hash` member. Every other member counts, `files` included,
+/// so the hash covers the category order, the normalisation, the tree, the tensor specs, the
+/// gain semantics and, through the per-file digests, every file.
+pub fn content_hash(manifest_json: &str) -> Result<String, ModelError> {
+    let mut members: BTreeMap<String, &RawValue> =
+        serde_json::from_str(manifest_json).map_err(|e| invalid(format!("{e}")))?;
+    members.remove("content_hash");
+    let mut out = String::new();
+    write_object(&mut out, &members)?;
+    Ok(sha256_digest(out.as_bytes()))
 }
 
-/// The canonical JSON text of `value`: no whitespace, object members sorted by key (code
-/// point order), strings escaped as `docs/model-package.md` says, integers in decimal and
-/// other numbers as ECMAScript's `Number.prototype.toString` writes the double.
-pub fn canonical_json(value: &Value) -> Result<String, ModelError> {
+/// The canonical form of the JSON text `json`: no whitespace, object members sorted by key
+/// (code point order), strings escaped as `docs/model-package.md` says, integers in decimal and
+/// other numbers as ECMAScript's `Number.prototype.toString` writes the nearest double.
+pub fn canonical_json(json: &str) -> Result<String, ModelError> {
+    let raw: &RawValue = serde_json::from_str(json).map_err(|e| invalid(format!("{e}")))?;
     let mut out = String::new();
-    write_value(&mut out, value)?;
+    write_raw(&mut out, raw)?;
     Ok(out)
 }
 
-fn write_value(out: &mut String, value: &Value) -> Result<(), ModelError> {
-    match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                let _ = write!(out, "{u}");
-            } else if let Some(i) = n.as_i64() {
-                let _ = write!(out, "{i}");
-            } else {
-                let x = n.as_f64().unwrap_or(f64::NAN);
-                out.push_str(&ecmascript_number(x).ok_or_else(|| {
-                    ModelError::Invalid(format!("number {n} has no canonical form"))
-                })?);
-            }
+fn invalid(why: String) -> ModelError {
+    ModelError::Invalid(format!("manifest has no canonical form: {why}"))
+}
+
+/// Writes one JSON value from its text. Containers are read one level at a time as raw
+/// values, so every number is read from its own digits: serde_json's default float parser
+/// can land one ulp off the nearest double, `str::parse` does not.
+fn write_raw(out: &mut String, raw: &RawValue) -> Result<(), ModelError> {
+    let text = raw.get();
+    let parse_err = |e: serde_json::Error| invalid(format!("{e}"));
+    match text.as_bytes().first() {
+        Some(b'{') => {
+            let members: BTreeMap<String, &RawValue> =
+                serde_json::from_str(text).map_err(parse_err)?;
+            write_object(out, &members)?;
         }
-        Value::String(s) => write_string(out, s),
-        Value::Array(items) => {
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(parse_err)?;
             out.push('[');
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in items.into_iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
-                write_value(out, item)?;
+                write_raw(out, item)?;
             }
             out.push(']');
         }
-        Value::Object(members) => {
-            let mut keys: Vec<&String> = members.keys().collect();
-            // `str` orders by UTF-8 bytes, which is code point order.
-            keys.sort();
-            out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(out, key);
-                out.push(':');
-                write_value(out, &members[key])?;
-            }
-            out.push('}');
+        Some(b'"') => {
+            let s: String = serde_json::from_str(text).map_err(parse_err)?;
+            write_string(out, &s);
         }
+        Some(b't' | b'f' | b'n') => out.push_str(text),
+        _ => out.push_str(&number(text)?),
     }
     Ok(())
+}
+
+/// Members in key order: a `BTreeMap<String, _>` orders by UTF-8 bytes, which is code point
+/// order (a key given twice keeps its last value, as in Python).
+fn write_object(out: &mut String, members: &BTreeMap<String, &RawValue>) -> Result<(), ModelError> {
+    out.push('{');
+    for (i, (key, value)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(out, key);
+        out.push(':');
+        write_raw(out, value)?;
+    }
+    out.push('}');
+    Ok(())
+}
+
+/// A JSON number token: without fraction or exponent an integer, which must fit in 64 bits;
+/// otherwise the nearest double, written as ECMAScript does.
+fn number(token: &str) -> Result<String, ModelError> {
+    if !token.contains(['.', 'e', 'E']) {
+        if let Ok(u) = token.parse::<u64>() {
+            return Ok(u.to_string());
+        }
+        return token
+            .parse::<i64>()
+            .map(|i| i.to_string())
+            .map_err(|_| invalid(format!("integer {token} does not fit in 64 bits")));
+    }
+    token
+        .parse::<f64>()
+        .ok()
+        .and_then(ecmascript_number)
+        .ok_or_else(|| invalid(format!("number {token} is not a finite double")))
 }
 
 /// `"` and `\` escaped, the five short control escapes, other control characters as
@@ -156,11 +182,15 @@ fn ecmascript_number(x: f64) -> Option<String> {
     Some(out)
 }
 
-/// Checks a package against its manifest (`raw` is the parsed `manifest.json`, `manifest`
-/// the same typed): the content hash, then that every file the manifest names and every
-/// `*.onnx` file in the directory is listed in `files`, then each listed file's digest.
-pub fn verify_package(dir: &Path, raw: &Value, manifest: &Manifest) -> Result<(), ModelError> {
-    let actual = content_hash(raw)?;
+/// Checks a package against its manifest (`manifest_json` is the text of `manifest.json`,
+/// `manifest` the same parsed): the content hash, then that every file the manifest names and
+/// every `*.onnx` file in the directory is listed in `files`, then each listed file's digest.
+pub fn verify_package(
+    dir: &Path,
+    manifest_json: &str,
+    manifest: &Manifest,
+) -> Result<(), ModelError> {
+    let actual = content_hash(manifest_json)?;
     if actual != manifest.content_hash {
         return Err(ModelError::HashMismatch {
             dir: dir.to_path_buf(),
@@ -244,8 +274,6 @@ fn collect_onnx(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), Mo
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
 
     #[test]
@@ -274,26 +302,41 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys_and_drops_whitespace() {
-        let v: Value = serde_json::from_str(
-            r#"{"b": [1, 2.0, -3, {"z": null, "a": true}], "a": "x\"y\\\n\u0001é/", "A": 1.5}"#,
-        )
-        .unwrap();
+        let text = r#"{"b": [1, 2.0, -3, -0, {"z": null, "a": true}], "a": "x\"y\\\n\u0001é\/", "A": 1.5e0}"#;
         assert_eq!(
-            canonical_json(&v).unwrap(),
-            "{\"A\":1.5,\"a\":\"x\\\"y\\\\\\n\\u0001é/\",\"b\":[1,2,-3,{\"a\":true,\"z\":null}]}"
+            canonical_json(text).unwrap(),
+            "{\"A\":1.5,\"a\":\"x\\\"y\\\\\\n\\u0001é/\",\"b\":[1,2,-3,0,{\"a\":true,\"z\":null}]}"
+        );
+        for bad in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            "1e400",
+            "[1,",
+        ] {
+            assert!(canonical_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_read_from_their_digits() {
+        // serde_json's default parser reads this one ulp below the nearest double
+        // (-6.3603751849933156e38); the canonical form must not.
+        assert_eq!(
+            canonical_json("-6.360375184993316e+38").unwrap(),
+            "-6.360375184993316e+38"
         );
     }
 
     #[test]
     fn the_content_hash_ignores_only_itself_and_layout() {
-        let a = json!({"content_hash": "sha256:00", "categories": ["x", "y"], "input": {"mean": [0.5]}});
-        let b: Value = serde_json::from_str(
-            "{\"input\" : {\"mean\":[5e-1]},\n \"categories\":[\"x\",\"y\"], \"content_hash\": \"other\"}",
-        )
-        .unwrap();
-        assert_eq!(content_hash(&a).unwrap(), content_hash(&b).unwrap());
-        let swapped = json!({"content_hash": "sha256:00", "categories": ["y", "x"], "input": {"mean": [0.5]}});
-        assert_ne!(content_hash(&a).unwrap(), content_hash(&swapped).unwrap());
+        let a =
+            r#"{"content_hash": "sha256:00", "categories": ["x", "y"], "input": {"mean": [0.5]}}"#;
+        let b = "{\"input\" : {\"mean\":[5e-1]},\n \"categories\":[\"x\",\"y\"], \"content_hash\": \"other\"}";
+        assert_eq!(content_hash(a).unwrap(), content_hash(b).unwrap());
+        let swapped =
+            r#"{"content_hash": "sha256:00", "categories": ["y", "x"], "input": {"mean": [0.5]}}"#;
+        assert_ne!(content_hash(a).unwrap(), content_hash(swapped).unwrap());
+        assert!(content_hash("[1]").is_err());
     }
 
     #[test]

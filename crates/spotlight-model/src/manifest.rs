@@ -164,22 +164,25 @@ impl Manifest {
         Self::read_raw(dir).map(|(manifest, _)| manifest)
     }
 
-    /// [`Manifest::read`], also returning the manifest as parsed JSON, which the content
-    /// hash is computed over.
-    pub fn read_raw(dir: &Path) -> Result<(Self, Value), ModelError> {
+    /// [`Manifest::read`], also returning the text of `manifest.json`, which the content hash
+    /// is computed over.
+    pub fn read_raw(dir: &Path) -> Result<(Self, String), ModelError> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read(&path).map_err(|source| ModelError::Io {
+        let io = |source| ModelError::Io {
             path: path.clone(),
             source,
-        })?;
+        };
+        let text = std::fs::read(&path).map_err(io)?;
+        let text = String::from_utf8(text)
+            .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         let json = |source| ModelError::Json {
             path: path.clone(),
             source,
         };
-        let raw: Value = serde_json::from_slice(&text).map_err(json)?;
+        let raw: Value = serde_json::from_str(&text).map_err(json)?;
         check_schema(raw.get("schema").and_then(Value::as_str))?;
         let manifest = Self::deserialize(&raw).map_err(json)?;
-        Ok((manifest, raw))
+        Ok((manifest, text))
     }
 
     /// Parses manifest JSON without validating it (see [`Manifest::validate`]).

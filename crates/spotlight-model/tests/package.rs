@@ -55,8 +55,8 @@ type Edit = (&'static str, fn(&mut Value));
 #[test]
 fn the_shipped_package_verifies() {
     let model = Model::load(shipped()).expect("shipped package");
-    let raw = read_manifest(&shipped());
-    assert_eq!(model.hash(), content_hash(&raw).unwrap());
+    let text = std::fs::read_to_string(shipped().join("manifest.json")).expect("manifest");
+    assert_eq!(model.hash(), content_hash(&text).unwrap());
     assert_eq!(model.manifest().files.len(), 7);
 }
 
@@ -71,12 +71,12 @@ fn a_manifest_differing_only_in_category_order_is_refused() {
     let text = err.to_string();
     assert!(
         text.contains("is corrupt or modified: manifest.json says content_hash sha256:")
-            && text.contains(&content_hash(&manifest).unwrap()),
+            && text.contains(&content_hash(&manifest.to_string()).unwrap()),
         "{text}"
     );
 
     // Re-hashed, it is a valid package, but another model: another identity.
-    manifest["content_hash"] = content_hash(&manifest).unwrap().into();
+    manifest["content_hash"] = content_hash(&manifest.to_string()).unwrap().into();
     write_manifest(dir.path(), &manifest);
     let other = Model::load(dir.path()).expect("re-hashed package");
     let original = Model::load(shipped()).unwrap();
@@ -109,7 +109,7 @@ fn every_semantic_field_is_covered_by_the_hash() {
         let mut m = original.clone();
         edit(&mut m);
         assert_ne!(
-            content_hash(&m).unwrap(),
+            content_hash(&m.to_string()).unwrap(),
             original["content_hash"].as_str().unwrap(),
             "{what}"
         );
@@ -159,7 +159,7 @@ fn a_missing_or_unlisted_file_is_refused() {
     let dir = copy_shipped();
     let mut manifest = read_manifest(dir.path());
     manifest["files"]["../outside.onnx"] = "sha256:00".into();
-    manifest["content_hash"] = content_hash(&manifest).unwrap().into();
+    manifest["content_hash"] = content_hash(&manifest.to_string()).unwrap().into();
     write_manifest(dir.path(), &manifest);
     let err = Model::load(dir.path()).unwrap_err().to_string();
     assert!(
@@ -197,19 +197,33 @@ fn an_unknown_schema_version_is_refused_naming_the_accepted_ones() {
 
 #[test]
 fn canonical_json_matches_the_python_exporter() {
+    #[derive(serde::Deserialize)]
+    struct Case<'a> {
+        what: String,
+        #[serde(borrow)]
+        value: &'a serde_json::value::RawValue,
+        canonical: String,
+        content_hash: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc<'a> {
+        #[serde(borrow)]
+        cases: Vec<Case<'a>>,
+    }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/canonical.json");
-    let doc: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let cases = doc["cases"].as_array().unwrap();
-    assert!(cases.len() >= 5);
-    for case in cases {
-        let what = case["what"].as_str().unwrap();
+    let text = std::fs::read_to_string(path).unwrap();
+    let doc: Doc = serde_json::from_str(&text).unwrap();
+    assert!(doc.cases.len() >= 5);
+    for case in doc.cases {
+        let value = case.value.get();
         assert_eq!(
-            canonical_json(&case["value"]).unwrap(),
-            case["canonical"].as_str().unwrap(),
-            "{what}"
+            canonical_json(value).unwrap(),
+            case.canonical,
+            "{}",
+            case.what
         );
-        if let Some(hash) = case["content_hash"].as_str() {
-            assert_eq!(content_hash(&case["value"]).unwrap(), hash, "{what}");
+        if let Some(hash) = case.content_hash {
+            assert_eq!(content_hash(value).unwrap(), hash, "{}", case.what);
         }
     }
 }
