@@ -1,6 +1,6 @@
-//! Any bytes as `manifest.json`: parse, validate, and for a manifest that validates, build the
-//! model and use it the way every role does at startup (feature shape, tree walks, the
-//! all-categories plan). An error is fine; a panic is a bug. Mutations are JSON-aware (see
+//! Any bytes as `manifest.json`: content hash, parse, validate, and for a manifest that
+//! validates, build the model and use it the way every role does at startup (feature shape,
+//! tree walks, the all-categories plan). An error is fine; a panic is a bug. Mutations are JSON-aware (see
 //! `spotlight_fuzz::mutate_json`), so most inputs stay JSON and reach `validate`.
 
 #![no_main]
@@ -11,6 +11,11 @@ use libfuzzer_sys::{fuzz_mutator, fuzz_target};
 use spotlight_model::{Manifest, Model, TaskSpec};
 
 fuzz_target!(|data: &[u8]| {
+    // The canonical form behind the content hash reads untrusted manifests too: it may refuse
+    // one, never panic.
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = spotlight_model::content_hash(text);
+    }
     let Ok(manifest) = Manifest::from_json(data) else {
         return;
     };

@@ -1,4 +1,4 @@
-"""Command line: python -m spotlight_model {train,export,evaluate,all}."""
+"""Command line: python -m spotlight_model {train,export,evaluate,all,remanifest,attention}."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TREE = "python/trees/fashion_mnist.json"
 DEFAULT_WORK = "build/model-work"
 DEFAULT_OUT = "models/fashion-mnist-nested"
+DEFAULT_TEST_READS = "python/test_reads.json"
 
 
 def log(msg: str) -> None:
@@ -162,6 +163,11 @@ def cmd_export(args) -> None:
     log(f"exported {out} ({size / 1e6:.2f} MB) {manifest['content_hash']}")
 
 
+def cmd_remanifest(args) -> None:
+    from .package import remanifest
+    remanifest(_rel(args.out, DEFAULT_OUT), log=log)
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -169,7 +175,39 @@ def cmd_evaluate(args) -> None:
     from .evaluate import evaluate
     torch.set_num_threads(args.threads)
     evaluate(pkg_dir=_rel(args.out, DEFAULT_OUT), work=_rel(args.work, DEFAULT_WORK), data=args.data, threads=args.threads,
-             results_path=_rel(args.results), log=log)
+             results_path=_rel(args.results), log=log, test_reads=_rel(args.test_reads, DEFAULT_TEST_READS))
+
+
+def cmd_attention(args) -> None:
+    """Attention with its controls on the test split, written into the existing model card
+    (its attention and test-set sections only): needs the package, not the training checkpoints."""
+    from .attention import measure
+    from .evaluate import baseline_test_logits, read_test_reads, splice_card
+    from .package import PackageRunner, check_package
+    torch.set_num_threads(args.threads)
+    pkg, work = _rel(args.out, DEFAULT_OUT), _rel(args.work, DEFAULT_WORK)
+    manifest = check_package(pkg)
+    runner = PackageRunner(pkg, threads=args.threads)
+    ds = load_dataset(args.data)
+    x = runner.preprocess(ds.test_images)
+    feats = np.concatenate([runner.run_backbone(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+    bl, _ = baseline_test_logits(work, ds.test_images)
+    log(f"test split {len(x)} images; baseline checkpoint {'used' if bl is not None else 'not found in ' + str(work)}")
+
+    def row(r):
+        log(f"  {r['mode']:<7} {r['signal']:<29} gain {r['gain']:<5} signal right {100 * r['signal_correct']:6.2f} %  "
+            f"nested {100 * r['nested']:6.2f} %  prior on gain-1 logits {100 * r['nested_prior']:6.2f} %  "
+            f"differing {r['prediction_disagreements']}  max logit diff {r['max_abs_logit_diff']:.1e}")
+
+    a = measure(runner, feats, ds.test_labels, baseline_logits=bl, on_row=row)
+    r = {"package": manifest["name"], "content_hash": manifest["content_hash"], "test_images": int(len(x)),
+         "attention": a, "test_reads": read_test_reads(_rel(args.test_reads, DEFAULT_TEST_READS), manifest["name"])}
+    results = _rel(args.results) or work / "attention.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
+    card = pkg / "model_card.md"
+    card.write_text(splice_card(card.read_text(encoding="utf-8"), r, manifest), encoding="utf-8")
+    log(f"no signal: nested {100 * a['none']['nested']:.2f} %; results -> {results}; card -> {card}")
 
 
 def cmd_all(args) -> None:
@@ -210,8 +248,10 @@ def main(argv=None) -> None:
     def export_opts(sp):
         sp.add_argument("--name", default=None, help="package name (default: from the tree file)")
 
-    def eval_opts(sp):
-        sp.add_argument("--results", default=None, help="results JSON (default <work>/results.json)")
+    def eval_opts(sp, default_results="<work>/results.json"):
+        sp.add_argument("--results", default=None, help=f"results JSON (default {default_results})")
+        sp.add_argument("--test-reads", default=None,
+                        help=f"ledger of test-split reads listed in the card (default <repo>/{DEFAULT_TEST_READS})")
 
     sp = sub.add_parser("train", help="train the nested model and the baseline")
     common(sp); train_opts(sp); sp.set_defaults(fn=cmd_train)
@@ -219,6 +259,13 @@ def main(argv=None) -> None:
     common(sp); export_opts(sp); sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("evaluate", help="evaluate on the test set, write model_card.md + results JSON")
     common(sp); eval_opts(sp); sp.set_defaults(fn=cmd_evaluate)
+    sp = sub.add_parser("attention", help="measure attention with its controls on the test split and "
+                        "rewrite the card's attention and test-set sections (no checkpoints needed)")
+    common(sp); eval_opts(sp, "<work>/attention.json"); sp.set_defaults(fn=cmd_attention)
+    sp = sub.add_parser("remanifest", help="rewrite manifest.json of an existing package (upgrading a "
+                        "spotlight.model/v1 one), keeping its ONNX files byte for byte")
+    sp.add_argument("--out", default=None, help=f"package dir (default <repo>/{DEFAULT_OUT})")
+    sp.set_defaults(fn=cmd_remanifest)
     sp = sub.add_parser("all", help="train + export + evaluate")
     common(sp); train_opts(sp); export_opts(sp); eval_opts(sp); sp.set_defaults(fn=cmd_all)
     args = p.parse_args(argv)

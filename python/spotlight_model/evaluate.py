@@ -18,14 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import attention as attn
 from .data import load_dataset, to_nchw_float
 from .package import PackageRunner, check_package
 from .tree import parse_tree
 
 PAPER_BEST = {"params_excluded": 73.48, "gmacs_excluded": 84.41}
-ENHANCE_GAINS = [1.25, 1.5, 2.0, 4.0]
-INHIBIT_GAINS = [0.5, 0.25, 0.0]
-NOISY = [(0.8, 2.0), (0.6, 2.0)]
 
 
 def png_size(img: np.ndarray) -> int:
@@ -52,9 +50,27 @@ def _acc(pred, y) -> float:
     return float((pred == y).mean())
 
 
+def baseline_test_logits(work: Path, test_images: np.ndarray):
+    """(logits, checkpoint) of the baseline checkpoint in work/ on the test images, or (None, None)."""
+    if not (work / "baseline.pt").exists():
+        return None, None
+    from .cli import load_checkpoint
+    from .train import predict_logits
+    bmodel, bck = load_checkpoint(work, "baseline")
+    bl = predict_logits(bmodel, torch.from_numpy(to_nchw_float(test_images)), bck["mean"], bck["std"])
+    return bl.numpy(), (bmodel, bck)
+
+
+def read_test_reads(path: Path | None, name: str) -> list[dict] | None:
+    """The entries for package `name` of the test-split ledger (python/test_reads.json)."""
+    if path is None or not Path(path).is_file():
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8")).get("packages", {}).get(name, [])
+
+
 def evaluate(pkg_dir: Path, work: Path, data: str | None, threads: int = 2,
              results_path: Path | None = None, tree_path: Path | None = None, batch: int = 1000,
-             log=print) -> dict:
+             log=print, test_reads: Path | None = None) -> dict:
     t_start = time.time()
     manifest = check_package(pkg_dir)
     runner = PackageRunner(pkg_dir, threads=threads)
@@ -85,8 +101,8 @@ def evaluate(pkg_dir: Path, work: Path, data: str | None, threads: int = 2,
     n = len(y)
     x = runner.preprocess(ds.test_images)
 
-    baseline_path = work / "baseline.pt"
-    n_steps = 2 * ((n + batch - 1) // batch) + 1 + 20 + 4 + (1 if baseline_path.exists() else 0)
+    n_rows = len(attn.RELIABILITIES) * (len(attn.ENHANCE_GAINS) + len(attn.INHIBIT_GAINS))
+    n_steps = 2 * ((n + batch - 1) // batch) + 1 + 20 + 1 + n_rows + 1
     bar = tqdm(total=n_steps, desc="evaluate", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 20.0)
 
     # ---- backbone features (cached) + full.onnx
@@ -155,43 +171,12 @@ def evaluate(pkg_dir: Path, work: Path, data: str | None, threads: int = 2,
         t["accuracy_full_model_restricted"] = _acc(np.asarray(t["categories"])[full_sub.argmax(1)], y[mask])
     bar.update(20 - 0)
 
-    # ---- top-down attention
-    top_of = {}
-    for s in tops:
-        for ci in s["categories"]:
-            top_of[ci] = s["id"]
-    top_ids = [s["id"] for s in tops]
-    true_top = np.array([top_ids.index(top_of[int(ci)]) for ci in y])
-    rng = np.random.default_rng(1234)
+    # ---- baseline logits (for its accuracy and the attention controls)
+    bl, bl_ck = baseline_test_logits(work, ds.test_images)
+    bar.update()
 
-    def run_with_top_gains(gmat):  # gmat [N, n_tops]
-        g = {sid: gmat[:, j] for j, sid in enumerate(top_ids)}
-        c = seg_logits(feats, None, g)
-        return _acc(np.stack([c[ci] for ci in range(k)], axis=1).argmax(1), y)
-
-    attention = [{"signal": "none", "gain": 1.0, "accuracy": nested_acc}]
-    for g in ENHANCE_GAINS:
-        gm = np.ones((n, len(top_ids)), np.float32)
-        gm[np.arange(n), true_top] = g
-        attention.append({"signal": "enhance true top-level group", "gain": g, "accuracy": run_with_top_gains(gm)})
-    bar.update()
-    for g in INHIBIT_GAINS:
-        gm = np.full((n, len(top_ids)), g, np.float32)
-        gm[np.arange(n), true_top] = 1.0
-        attention.append({"signal": "inhibit wrong top-level groups", "gain": g, "accuracy": run_with_top_gains(gm)})
-    bar.update()
-    for p_right, g in NOISY:
-        named = true_top.copy()
-        wrong = rng.random(n) >= p_right
-        if len(top_ids) > 1:
-            off = rng.integers(1, len(top_ids), size=n)
-            named[wrong] = (true_top[wrong] + off[wrong]) % len(top_ids)
-        gm = np.ones((n, len(top_ids)), np.float32)
-        gm[np.arange(n), named] = g
-        attention.append({"signal": f"noisy enhance ({int(p_right * 100)} % right)", "gain": g,
-                          "signal_correct_fraction": float((named == true_top).mean()),
-                          "accuracy": run_with_top_gains(gm)})
-    bar.update()
+    # ---- top-down attention, with its controls
+    attention = attn.measure(runner, feats, y, baseline_logits=bl, on_row=lambda _: bar.update())
 
     # ---- bottleneck size + int8
     fshape = manifest["backbone"]["output_shape"][1:]
@@ -203,20 +188,16 @@ def evaluate(pkg_dir: Path, work: Path, data: str | None, threads: int = 2,
 
     # ---- baseline
     baseline = None
-    if baseline_path.exists():
-        from .cli import load_checkpoint
+    if bl is not None:
         from .model import baseline_costs
-        from .train import predict_logits
-        bmodel, bck = load_checkpoint(work, "baseline")
-        bl = predict_logits(bmodel, torch.from_numpy(to_nchw_float(ds.test_images)), bck["mean"], bck["std"])
-        bpred = bl.argmax(1).numpy()
+        bmodel, bck = bl_ck
+        bpred = bl.argmax(1)
         bconf = np.zeros((k, k), np.int64)
         np.add.at(bconf, (y, bpred), 1)
         baseline = {"accuracy": _acc(bpred, y), "costs": baseline_costs(bmodel, tuple(bck["image_shape"])),
                     "val_acc": bck.get("val_acc"), "selected_epoch": bck.get("selected_epoch"),
                     "train_seconds": bck.get("train_seconds"), "epochs": bck["hparams"]["epochs"],
                     "history": bck.get("history"), "confusion": bconf.tolist()}
-        bar.update()
     bar.close()
 
     results = {
@@ -235,6 +216,7 @@ def evaluate(pkg_dir: Path, work: Path, data: str | None, threads: int = 2,
         "baseline": baseline,
         "tasks": tasks,
         "attention": attention,
+        "test_reads": read_test_reads(test_reads, manifest["name"]),
         "bottleneck": {"shape": fshape, "values": nvals, "bytes_fp32": 4 * nvals, "bytes_int8": nvals,
                        "png_mean_bytes": float(pngs.mean()), "png_median_bytes": float(np.median(pngs)),
                        "raw_image_bytes": int(np.prod(ds.test_images.shape[1:])),
@@ -256,6 +238,56 @@ def evaluate(pkg_dir: Path, work: Path, data: str | None, threads: int = 2,
 # ---------------------------------------------------------------- rendering
 
 
+def render_attention_and_test_reads(r: dict, m: dict) -> list[str]:
+    """The card sections that `python -m spotlight_model attention` can also rewrite alone."""
+    return attn.render(r["attention"], r["test_images"]) + render_test_reads(r.get("test_reads"), m["name"])
+
+
+def splice_card(card: str, r: dict, m: dict) -> str:
+    """The card with its attention and test-set sections replaced by those of r (the rest kept)."""
+    lines = card.split("\n")
+    own = ("## Top-down attention", "## Test-set discipline")
+    start = next((i for i, line in enumerate(lines) if line.startswith(own)), None)
+    if start is None:
+        raise ValueError("the model card has no '## Top-down attention' section to replace")
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("## ") and not lines[i].startswith(own)), len(lines))
+    new = "\n".join(render_attention_and_test_reads(r, m)).split("\n")
+    out = "\n".join(lines[:start] + new + lines[end:])
+    return out.replace(", which is used only here. ",
+                       ", which only `evaluate` reads (how often, and for which recipes: "
+                       "*Test-set discipline* below). ")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def render_test_reads(entries: list[dict] | None, name: str) -> list[str]:
+    L = ["## Test-set discipline\n"]
+    if entries is None:
+        L.append("No test-split ledger was given to this evaluation (`python/test_reads.json`).\n")
+        return L
+    recipes = [e for e in entries if e.get("kind") == "recipe"]
+    reseeds = [e for e in entries if e.get("kind") == "reseed"]
+    evals = [e for e in entries if e.get("kind") == "evaluation"]
+    L.append(f"Every time the test split was read for `{name}`, as the ledger `python/test_reads.json` "
+             f"records it: **{len(recipes)} training recipes** were evaluated on it"
+             + (f", plus {_n(len(reseeds), 'retrain')} of a recipe with another seed" if reseeds else "")
+             + (f" and {_n(len(evals), 'evaluation')} of an already shipped model (no training, nothing "
+                "selected)" if evals else "") + ".\n")
+    L.append("| # | what | commit | nested test | baseline test | shipped |")
+    L.append("|---:|---|---|---:|---:|---|")
+    for i, e in enumerate(entries, 1):
+        L.append(f"| {i} | {e['what']} | {e.get('commit', '-')} | {_pct(e['nested']) if e.get('nested') is not None else '-'} | "
+                 f"{_pct(e['baseline']) if e.get('baseline') is not None else '-'} | {e.get('shipped', '-')} |")
+    L.append("")
+    notes = [e["note"] for e in entries if e.get("note")]
+    if notes:
+        L.append("\n\n".join(notes) + "\n")
+    return L
+
+
 def _pct(v) -> str:
     return f"{100 * v:.2f} %"
 
@@ -267,8 +299,10 @@ def summary(r: dict) -> str:
     for t in r["tasks"]:
         lines.append(f"  task {t['name']:<32} acc {_pct(t['accuracy']):>9}  cloud params excl "
                      f"{t['cloud_params_excluded_pct']:5.1f} %  cloud MACs excl {t['cloud_macs_excluded_pct']:5.1f} %")
-    for a in r["attention"]:
-        lines.append(f"  attention {a['signal']:<34} gain {a['gain']:<5} acc {_pct(a['accuracy'])}")
+    for a in r["attention"]["rows"]:
+        lines.append(f"  attention {a['mode']:<7} {a['signal']:<29} gain {a['gain']:<5} acc {_pct(a['nested'])}"
+                     f"  prior on gain-1 logits {_pct(a['nested_prior'])}"
+                     + (f"  baseline + prior {_pct(a['baseline_prior'])}" if a["baseline_prior"] is not None else ""))
     b = r["bottleneck"]
     lines.append(f"bottleneck {b['bytes_int8']} B int8 / {b['bytes_fp32']} B fp32 vs PNG mean {b['png_mean_bytes']:.0f} B;"
                  f" int8 accuracy {_pct(b['int8_accuracy'])}")
@@ -289,7 +323,8 @@ def render_card(r: dict, m: dict, tree) -> str:
     L.append(f"# Model card: {m['name']}\n")
     L.append(f"Package `{m['name']}` (`{m['schema']}`), content hash `{m['content_hash']}`. "
              f"Written by `python -m spotlight_model evaluate`; all numbers below are on the "
-             f"{r['dataset']} **test split** ({r['test_images']} images), which is used only here. "
+             f"{r['dataset']} **test split** ({r['test_images']} images), which only `evaluate` reads "
+             f"(how often, and for which recipes: *Test-set discipline* below). "
              f"Checkpoints were selected on a validation split held out from the training images.\n")
     L.append("Architecture: our interpretation of Kelm et al., *High-Level Parallelism and Nested Features "
              "for Dynamic Inference Cost and Top-Down Attention* (arXiv 2308.05128): a shared backbone "
@@ -397,23 +432,7 @@ def render_card(r: dict, m: dict, tree) -> str:
                  f"excluded (ImageNet-scale model, different architecture; not directly comparable). "
                  f"Our backbone runs on the edge for every task, so whole-model exclusion is lower.\n")
 
-    L.append("## Top-down attention (gains)\n")
-    L.append("Accuracy over all categories on the test set, with per-image gains on the top-level segments "
-             "(computed with onnxruntime on the package). 'Enhance' multiplies the true top-level group by "
-             "the gain; 'inhibit' multiplies every wrong top-level group by the gain; 'noisy' enhances with "
-             "gain 2 a group that is right with the stated probability, else a uniformly random wrong one.\n")
-    L.append("| signal | gain | signal correct | accuracy | vs no signal |")
-    L.append("|---|---:|---:|---:|---:|")
-    base_acc = r["attention"][0]["accuracy"]
-    for a in r["attention"]:
-        sc = a.get("signal_correct_fraction", 1.0 if a["signal"] != "none" else None)
-        L.append(f"| {a['signal']} | {a['gain']} | {'-' if sc is None else _pct(sc)} | {_pct(a['accuracy'])} | "
-                 f"{100 * (a['accuracy'] - base_acc):+.2f} pt |")
-    L.append("")
-    L.append("A correct signal can only help here: a gain g adds log g to the logits of the enhanced group "
-             "and the ranking inside a group is unchanged, so it only fixes errors that cross top-level "
-             "groups (a minority, see the confusion matrix). A wrong signal pushes images into the named "
-             "group, so noisy signals can cost accuracy.\n")
+    L.extend(render_attention_and_test_reads(r, m))
 
     b = r["bottleneck"]
     L.append("## Bottleneck (what the edge sends)\n")

@@ -16,8 +16,15 @@ def conv_bn_relu(cin: int, cout: int, k: int = 3) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
+# What a segment's gain does in this code (Segment.forward and HomogeneousHead), as the package
+# manifest declares it (docs/model-package.md, "gain").
+GAIN_SEMANTICS = {"multiplies": "segment_output", "zero_is_cutout": True, "logit_effect": "adds_log_gain"}
+
+
 class Backbone(nn.Module):
     """Edge part: normalised image [N,C,H,W] -> bounded bottleneck [N,B,H/4,W/4] in (-1, 1)."""
+
+    OUTPUT_RANGE = (-1.0, 1.0)  # the final tanh
 
     def __init__(self, in_channels: int = 1, widths=(32, 64, 64), bottleneck: int = 8):
         super().__init__()

@@ -1,8 +1,7 @@
-"""Model package (spotlight.model/v1, see docs/model-package.md): export, hash, check, run."""
+"""Model package (spotlight.model/v2, see docs/model-package.md): export, check, run."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -14,21 +13,29 @@ import torch
 from torch import nn
 
 from . import __version__
-from .model import NestedNet, nested_costs
+from .integrity import check_costs, content_hash, file_digests, seal, sha256_digest, write_manifest
+from .model import GAIN_SEMANTICS, Backbone, NestedNet, nested_costs
 
-SCHEMA = "spotlight.model/v1"
+SCHEMA = "spotlight.model/v2"
+# What this reader accepts (docs/model-package.md, "Schema versions"). v1 packages (content hash
+# over the ONNX files only) are refused; `remanifest` upgrades one in place.
+SUPPORTED_SCHEMAS = (SCHEMA,)
+UPGRADABLE_SCHEMAS = ("spotlight.model/v1",)
 OPSET = 18
 SEG_ID_RE = re.compile(r"^[a-z0-9_.-]+$")
 
 
-# ---------------------------------------------------------------- content hash
+class UnsupportedSchema(ValueError):
+    pass
 
 
-def content_hash(pkg_dir: str | Path) -> str:
-    pkg = Path(pkg_dir)
-    files = sorted(p.relative_to(pkg).as_posix() for p in pkg.rglob("*.onnx"))
-    lines = "".join(f"{hashlib.sha256((pkg / rel).read_bytes()).hexdigest()} {rel}\n" for rel in files)
-    return "sha256:" + hashlib.sha256(lines.encode("utf-8")).hexdigest()
+def check_schema(found) -> None:
+    if found not in SUPPORTED_SCHEMAS:
+        raise UnsupportedSchema(
+            f"manifest schema {json.dumps(found)} is not supported; this reader accepts "
+            f"{', '.join(SUPPORTED_SCHEMAS)}; re-export the package (`python -m spotlight_model export`), "
+            f"or upgrade a {' / '.join(UPGRADABLE_SCHEMAS)} package in place, keeping its ONNX files "
+            f"(`python -m spotlight_model remanifest --out <package dir>`)")
 
 
 # ---------------------------------------------------------------- ONNX export
@@ -119,7 +126,8 @@ def export_package(model: NestedNet, out_dir: str | Path, *, name: str, mean, st
         "schema": SCHEMA,
         "name": name,
         "created_by": f"spotlight_model {__version__}",
-        "content_hash": content_hash(out),
+        "content_hash": None,  # set by seal()
+        "files": {},
         "input": {
             "name": "image",
             "shape": [-1, c, h, w],
@@ -130,11 +138,13 @@ def export_package(model: NestedNet, out_dir: str | Path, *, name: str, mean, st
             "std": list(std),
         },
         "categories": list(tree.categories),
+        "gain": dict(GAIN_SEMANTICS),
         "backbone": {
             "file": "backbone.onnx",
             "input": "image",
             "output": "features",
             "output_shape": feat_shape,
+            "output_range": list(Backbone.OUTPUT_RANGE),
             "params": costs["backbone"]["params"],
             "macs": costs["backbone"]["macs"],
         },
@@ -142,10 +152,105 @@ def export_package(model: NestedNet, out_dir: str | Path, *, name: str, mean, st
         "full": {"file": "full.onnx", "input": "image", "gains_input": "gains", "output": "logits"},
         "training": training or {},
     }
-    with open(out / "manifest.json", "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2)
-        fh.write("\n")
+    seal(manifest, out)
+    write_manifest(manifest, out)
+    # what the manifest states is checked against what was written
+    check_output_range(out, manifest)
+    check_costs(out, manifest)
+    check_gain_semantics(out)
     return manifest
+
+
+def remanifest(pkg_dir: str | Path, log=print) -> dict:
+    """Rewrites manifest.json of an existing package without touching its ONNX files: a v1
+    manifest is upgraded to the current schema (gain semantics and bottleneck range added, each
+    checked against the graphs first), then the file digests and the content hash are recomputed.
+    The model card's header names the package's hash; it is updated in place."""
+    pkg = Path(pkg_dir)
+    old = json.loads((pkg / "manifest.json").read_text(encoding="utf-8"))
+    schema = old.get("schema")
+    if schema not in SUPPORTED_SCHEMAS + UPGRADABLE_SCHEMAS:
+        check_schema(schema)
+    if schema in UPGRADABLE_SCHEMAS:
+        m = {"schema": SCHEMA}
+        for k, v in old.items():
+            if k == "schema":
+                continue
+            m[k] = v
+            if k == "content_hash":
+                m["files"] = {}
+            if k == "categories":
+                m["gain"] = dict(GAIN_SEMANTICS)
+        m["backbone"] = {**{k: v for k, v in old["backbone"].items() if k not in ("params", "macs")},
+                         "output_range": list(Backbone.OUTPUT_RANGE),
+                         "params": old["backbone"]["params"], "macs": old["backbone"]["macs"]}
+    else:
+        m = dict(old)
+    check_output_range(pkg, m)
+    check_costs(pkg, m)
+    check_gain_semantics(pkg, m)
+    seal(m, pkg)
+    write_manifest(m, pkg)
+    check_package(pkg)
+    card = pkg / "model_card.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        new = text.replace(old.get("content_hash", "\0"), m["content_hash"])
+        new = new.replace(f"(`{schema}`)", f"(`{SCHEMA}`)")
+        if new != text:
+            card.write_text(new, encoding="utf-8")
+    log(f"{pkg}: {schema} -> {SCHEMA}, content hash {old.get('content_hash')} -> {m['content_hash']}")
+    return m
+
+
+def check_output_range(pkg_dir: str | Path, manifest: dict) -> None:
+    """The range the manifest declares for the backbone output must be the tanh's, and the
+    backbone graph must end in a Tanh."""
+    import onnx
+    bb = manifest["backbone"]
+    graph = onnx.load(str(Path(pkg_dir) / bb["file"])).graph
+    last = [n for n in graph.node if bb["output"] in n.output]
+    tanh = list(Backbone.OUTPUT_RANGE)
+    if not last or last[0].op_type != "Tanh" or bb.get("output_range") != tanh:
+        raise ValueError(f"{pkg_dir}: the backbone output is not a tanh declared with range {tanh}; "
+                         "re-export the package")
+
+
+def check_gain_semantics(pkg_dir: str | Path, manifest: dict | None = None, n: int = 8, seed: int = 0) -> None:
+    """Checks what manifest["gain"] declares against full.onnx on random inputs: gain 2 on a
+    segment adds ln 2 to exactly the logits under it, and gain 0 on it leaves the others'
+    softmax as if the segment were cut out."""
+    runner = PackageRunner(pkg_dir, threads=1, manifest=manifest)
+    m = runner.manifest
+    if m.get("gain", GAIN_SEMANTICS) != GAIN_SEMANTICS:
+        raise ValueError(f"{pkg_dir}: gain semantics {m.get('gain')} are not the ones this code checks "
+                         f"({GAIN_SEMANTICS})")
+    rng = np.random.default_rng(seed)
+    c, h, w = m["input"]["shape"][1:]
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    k, segs = len(m["categories"]), m["segments"]
+    base = runner.run_full(x)
+    for j, s in enumerate(segs):
+        under = s["categories"]
+        rest = [ci for ci in range(k) if ci not in under]
+        gains = np.ones((n, len(segs)), np.float32)
+        gains[:, j] = 2.0
+        d = runner.run_full(x, gains) - base
+        if np.abs(d[:, under] - np.log(2.0)).max() > 1e-4 or (rest and np.abs(d[:, rest]).max() > 1e-4):
+            raise ValueError(f"{pkg_dir}: gain 2 on segment {s['id']} does not add ln 2 to exactly the "
+                             "logits under it, as logit_effect adds_log_gain says")
+        if rest:
+            gains[:, j] = 0.0
+            z = runner.run_full(x, gains).astype(np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            zr = base[:, rest].astype(np.float64)
+            zr -= zr.max(axis=1, keepdims=True)
+            pr = np.exp(zr) / np.exp(zr).sum(axis=1, keepdims=True)
+            # the cut-out categories keep ~1e-12 of probability mass, about 1e-11 in all
+            if p[:, under].max() > 1e-6 or np.abs(p[:, rest] - pr).max() > 1e-5:
+                raise ValueError(f"{pkg_dir}: gain 0 on segment {s['id']} is not a cutout, as "
+                                 "zero_is_cutout says")
 
 
 # ---------------------------------------------------------------- schema check
@@ -160,12 +265,29 @@ def check_package(pkg_dir: str | Path) -> dict:
         if not cond:
             raise ValueError(f"{pkg}: {msg}")
 
-    for k in ("schema", "name", "created_by", "content_hash", "input", "categories", "backbone",
-              "segments", "full", "training"):
+    try:
+        check_schema(m.get("schema"))
+    except UnsupportedSchema as e:
+        raise UnsupportedSchema(f"{pkg}: {e}") from None
+    for k in ("schema", "name", "created_by", "content_hash", "files", "input", "categories", "gain",
+              "backbone", "segments", "full", "training"):
         req(k in m, f"manifest missing key {k!r}")
-    req(m["schema"] == SCHEMA, f"schema must be {SCHEMA}")
-    req(re.fullmatch(r"sha256:[0-9a-f]{64}", m["content_hash"]) is not None, "bad content_hash format")
-    req(m["content_hash"] == content_hash(pkg), "content_hash does not match the ONNX files")
+    req(isinstance(m["content_hash"], str) and re.fullmatch(r"sha256:[0-9a-f]{64}", m["content_hash"]) is not None,
+        "bad content_hash format")
+    actual = content_hash(m)
+    req(m["content_hash"] == actual,
+        f"content_hash {m['content_hash']} does not match the manifest's content, which hashes to {actual}")
+    files = m["files"]
+    on_disk = file_digests(pkg)
+    for rel in on_disk:
+        req(rel in files, f"{rel} is in the package but not listed in files")
+    for rel, digest in files.items():
+        req(re.fullmatch(r"[^/\\]+(/[^/\\]+)*", rel) is not None and ".." not in rel.split("/")
+            and "." not in rel.split("/"), f"files lists {rel!r}, not a plain relative path")
+        req((pkg / rel).is_file(), f"{rel} is listed in files but missing")
+        got = on_disk.get(rel) or sha256_digest((pkg / rel).read_bytes())
+        req(got == digest, f"{rel} hashes to {got}, manifest.json lists {digest}")
+    req(m["gain"] == GAIN_SEMANTICS, f"gain semantics {m['gain']} unknown; this reader knows {GAIN_SEMANTICS}")
     inp = m["input"]
     for k in ("name", "shape", "dtype", "color", "scale", "mean", "std"):
         req(k in inp, f"input missing {k!r}")
@@ -178,8 +300,13 @@ def check_package(pkg_dir: str | Path) -> dict:
     cats = m["categories"]
     req(isinstance(cats, list) and len(cats) > 0 and len(set(cats)) == len(cats), "bad categories")
     bb = m["backbone"]
-    for k in ("file", "input", "output", "output_shape", "params", "macs"):
+    for k in ("file", "input", "output", "output_shape", "output_range", "params", "macs"):
         req(k in bb, f"backbone missing {k!r}")
+    lo_hi = bb["output_range"]
+    req(isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(v, (int, float)) for v in lo_hi)
+        and lo_hi[0] < lo_hi[1], "backbone output_range must be [low, high] with low < high")
+    for rel in [bb["file"], m["full"]["file"]] + [s["file"] for s in m["segments"]]:
+        req(rel in files, f"{rel} is used by the manifest but not listed in files")
     req((pkg / bb["file"]).is_file(), "backbone file missing")
     req(bb["input"] == inp["name"], "backbone input name != input.name")
     segs = m["segments"]
@@ -231,10 +358,11 @@ def check_package(pkg_dir: str | Path) -> dict:
 class PackageRunner:
     """Runs a package with onnxruntime, either full.onnx or composed backbone + segments."""
 
-    def __init__(self, pkg_dir: str | Path, threads: int = 2):
+    def __init__(self, pkg_dir: str | Path, threads: int = 2, manifest: dict | None = None):
         import onnxruntime as ort
         self.dir = Path(pkg_dir)
-        self.manifest = json.loads((self.dir / "manifest.json").read_text(encoding="utf-8"))
+        self.manifest = manifest if manifest is not None else \
+            json.loads((self.dir / "manifest.json").read_text(encoding="utf-8"))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -7,8 +7,11 @@ import torch
 from conftest import REPO
 from spotlight_model.cli import load_checkpoint
 from spotlight_model.data import read_idx
-from spotlight_model.package import PackageRunner, check_package, content_hash
+from spotlight_model.integrity import MACS_RTOL, canonical_json, check_costs, content_hash, write_manifest
+from spotlight_model.package import PackageRunner, UnsupportedSchema, check_package, remanifest
 from spotlight_model.tree import parse_tree
+
+SHIPPED = REPO / "models" / "fashion-mnist-nested"
 
 
 def _inputs(runner, small_npz, n=64):
@@ -57,22 +60,107 @@ def test_composed_equals_full(trained):
 def test_manifest_schema_and_hash(trained):
     pkg = trained["pkg"]
     m = check_package(pkg)
-    assert m["schema"] == "spotlight.model/v1"
-    assert m["content_hash"] == content_hash(pkg)
+    assert m["schema"] == "spotlight.model/v2"
+    assert m["content_hash"] == content_hash(m)
+    assert sorted(m["files"]) == sorted(p.relative_to(pkg).as_posix() for p in pkg.rglob("*.onnx"))
+    assert m["gain"] == {"multiplies": "segment_output", "zero_is_cutout": True, "logit_effect": "adds_log_gain"}
+    assert m["backbone"]["output_range"] == [-1.0, 1.0]
     # every listed file exists; manifest order has parents before children
     ids = [s["id"] for s in m["segments"]]
     for j, s in enumerate(m["segments"]):
         assert s["parent"] is None or ids.index(s["parent"]) < j
-    # tampering with an ONNX file breaks the hash
-    f = pkg / m["segments"][0]["file"]
+    # tampering with an ONNX file is reported naming the file
+    rel = m["segments"][0]["file"]
+    f = pkg / rel
     data = f.read_bytes()
     try:
         f.write_bytes(data + b"\0")
-        with pytest.raises(ValueError, match="content_hash"):
+        with pytest.raises(ValueError, match=f"{rel} hashes to sha256:[0-9a-f]{{64}}, manifest.json lists"):
             check_package(pkg)
     finally:
         f.write_bytes(data)
     check_package(pkg)
+
+
+def _copy_package(src, dst):
+    import shutil
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model_card.md"))
+    return json.loads((dst / "manifest.json").read_text(encoding="utf-8"))
+
+
+def test_category_order_is_part_of_the_identity(tmp_path):
+    m = _copy_package(SHIPPED, tmp_path / "pkg")
+    m["categories"][5], m["categories"][7] = m["categories"][7], m["categories"][5]
+    write_manifest(m, tmp_path / "pkg")
+    with pytest.raises(ValueError, match="does not match the manifest's content"):
+        check_package(tmp_path / "pkg")
+    rehashed = dict(m, content_hash=content_hash(m))
+    assert rehashed["content_hash"] != json.loads((SHIPPED / "manifest.json").read_text())["content_hash"]
+    write_manifest(rehashed, tmp_path / "pkg")
+    check_package(tmp_path / "pkg")
+
+
+def test_unknown_schema_is_refused_naming_the_accepted_ones(tmp_path):
+    m = _copy_package(SHIPPED, tmp_path / "pkg")
+    for schema in ("spotlight.model/v1", "spotlight.model/v3", None):
+        m["schema"] = schema
+        write_manifest(m, tmp_path / "pkg")
+        with pytest.raises(UnsupportedSchema) as e:
+            check_package(tmp_path / "pkg")
+        assert (f"manifest schema {json.dumps(schema)} is not supported; this reader accepts spotlight.model/v2; "
+                "re-export the package") in str(e.value)
+        assert "remanifest --out <package dir>" in str(e.value)
+
+
+def test_remanifest_upgrades_v1_keeping_the_onnx_files(tmp_path):
+    """The shipped manifest is exactly what remanifest makes of its v1 predecessor."""
+    shipped = _copy_package(SHIPPED, tmp_path / "pkg")
+    v1 = {k: v for k, v in shipped.items() if k not in ("files", "gain")}
+    v1["schema"] = "spotlight.model/v1"
+    v1["backbone"] = {k: v for k, v in shipped["backbone"].items() if k != "output_range"}
+    write_manifest(v1, tmp_path / "pkg")
+    onnx_before = {p.name: p.read_bytes() for p in (tmp_path / "pkg").rglob("*.onnx")}
+    m = remanifest(tmp_path / "pkg", log=lambda *_: None)
+    assert m == shipped
+    assert (tmp_path / "pkg" / "manifest.json").read_text() == (SHIPPED / "manifest.json").read_text()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pkg").rglob("*.onnx")} == onnx_before
+
+
+def test_canonical_json_vectors():
+    """The vectors the Rust reader checks too (crates/spotlight-model/tests/package.rs)."""
+    doc = json.loads((REPO / "crates/spotlight-model/tests/data/canonical.json").read_text(encoding="utf-8"))
+    for case in doc["cases"]:
+        assert canonical_json(case["value"]) == case["canonical"], case["what"]
+        if case["content_hash"] is not None:
+            assert content_hash(case["value"]) == case["content_hash"], case["what"]
+    with pytest.raises(ValueError):
+        canonical_json(float("nan"))
+    with pytest.raises(ValueError):
+        canonical_json(2 ** 64)
+
+
+@pytest.mark.parametrize("which", ["smoke", "shipped"])
+def test_manifest_costs_match_the_onnx_graphs(trained, which):
+    """check_costs allows graph params in [manifest - conv-bias elements, manifest] (BatchNorm
+    folding) and MACs within MACS_RTOL (0.1 %); in fact MACs agree exactly and params differ by
+    exactly the folding: a conv bias per BatchNorm channel in the graph for a scale and a shift
+    per channel in PyTorch."""
+    pkg = trained["pkg"] if which == "smoke" else SHIPPED
+    rows = check_costs(pkg, macs_rtol=MACS_RTOL)
+    assert [r["part"] for r in rows][-1] == "full" and len(rows) >= 3
+    for r in rows:
+        assert r["onnx_macs"] == r["manifest_macs"], r
+        assert r["onnx_params"] + r["onnx_conv_bias"] == r["manifest_params"], r
+    # the check can fail: a manifest that overstates a segment's MACs by 1 % is refused
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["segments"][0]["macs"] = int(m["segments"][0]["macs"] * 1.01)
+    with pytest.raises(ValueError, match=f"{m['segments'][0]['id']} .*manifest macs"):
+        check_costs(pkg, m)
+    # and so is one that states fewer params than the graph holds
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["backbone"]["params"] -= rows[0]["onnx_conv_bias"] + 1
+    with pytest.raises(ValueError, match="backbone .*manifest params"):
+        check_costs(pkg, m)
 
 
 def _softmax(z):
@@ -116,7 +204,7 @@ def test_gain_adds_log_gain(trained):
 
 
 def test_shipped_package():
-    pkg = REPO / "models" / "fashion-mnist-nested"
+    pkg = SHIPPED
     m = check_package(pkg)
     assert m["name"] == "fashion-mnist-nested"
     assert m["backbone"]["output_shape"] == [-1, 8, 7, 7]

@@ -20,15 +20,41 @@ pub enum ModelError {
     /// The manifest parsed but is inconsistent.
     #[error("invalid manifest: {0}")]
     Invalid(String),
-    /// The files on disk do not match the manifest's content hash.
+    /// The manifest is of a schema version this reader does not accept.
     #[error(
-        "model package {dir} is corrupt or modified: manifest says {manifest}, files hash to {actual}"
+        "manifest schema {found} is not supported; this reader accepts {accepted}; re-export the \
+         package (`python -m spotlight_model export`), or upgrade a spotlight.model/v1 package in \
+         place, keeping its ONNX files (`python -m spotlight_model remanifest --out <package dir>`)"
+    )]
+    UnsupportedSchema { found: String, accepted: String },
+    /// The manifest's content does not hash to its `content_hash`: it was edited (a category
+    /// order, a normalisation, a file digest …) without being re-hashed.
+    #[error(
+        "model package {dir} is corrupt or modified: manifest.json says content_hash {manifest}, \
+         its content hashes to {actual}"
     )]
     HashMismatch {
         dir: PathBuf,
         manifest: String,
         actual: String,
     },
+    /// A file does not match the digest the manifest lists for it.
+    #[error(
+        "model package {dir} is corrupt or modified: {file} hashes to {actual}, manifest.json \
+         lists {manifest}"
+    )]
+    FileHashMismatch {
+        dir: PathBuf,
+        file: String,
+        manifest: String,
+        actual: String,
+    },
+    /// An ONNX file in the package directory is not listed in the manifest's `files`.
+    #[error(
+        "model package {dir} holds {file}, which manifest.json does not list in files; remove \
+         it or re-export the package"
+    )]
+    UnlistedFile { dir: PathBuf, file: String },
     /// A task names a category the model does not know.
     #[error("unknown category \"{name}\"; known: {known}")]
     UnknownCategory { name: String, known: String },

@@ -4,13 +4,16 @@
 //! The on-disk format is documented in `docs/model-package.md`.
 
 mod error;
+mod integrity;
 mod manifest;
 mod plan;
 mod preprocess;
 
 pub use error::ModelError;
+pub use integrity::{canonical_json, content_hash, sha256_digest, verify_package};
 pub use manifest::{
-    BackboneSpec, FullSpec, InputSpec, Manifest, SCHEMA, SegmentSpec, TensorSpec, content_hash,
+    BackboneSpec, FullSpec, GainSpec, GainTarget, InputSpec, LogitEffect, Manifest, SCHEMA,
+    SUPPORTED_SCHEMAS, SegmentSpec, TensorSpec,
 };
 pub use plan::{
     CategoryScore, MAX_GAIN, MAX_NAME_LEN, MAX_PATH_GAIN, MergeError, Plan, Scores, TaskSpec,
@@ -32,22 +35,17 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `dir/manifest.json`, validates the tree and checks the content hash.
+    /// Loads `dir/manifest.json`: refuses an unsupported schema version, checks the content
+    /// hash over the manifest and the digest of every file ([`verify_package`]), then
+    /// validates the tree.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref().to_path_buf();
-        let manifest = Manifest::read(&dir)?;
-        let actual = content_hash(&dir)?;
-        if actual != manifest.content_hash {
-            return Err(ModelError::HashMismatch {
-                dir,
-                manifest: manifest.content_hash.clone(),
-                actual,
-            });
-        }
+        let (manifest, raw) = Manifest::read_raw(&dir)?;
+        verify_package(&dir, &raw, &manifest)?;
         Self::from_manifest(dir, manifest)
     }
 
-    /// Builds the model from an already parsed manifest (no hash check).
+    /// Builds the model from an already parsed manifest (no hash or file check).
     pub fn from_manifest(dir: PathBuf, manifest: Manifest) -> Result<Self, ModelError> {
         manifest.validate()?;
         let segment_index = manifest

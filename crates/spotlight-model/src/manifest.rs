@@ -1,23 +1,35 @@
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use serde_json::Value;
 
 use crate::ModelError;
 
-/// The manifest schema this crate reads.
-pub const SCHEMA: &str = "spotlight.model/v1";
+/// The current manifest schema version: what the exporter writes.
+pub const SCHEMA: &str = "spotlight.model/v2";
+
+/// Every schema version this reader accepts. A package of any other version is refused with
+/// [`ModelError::UnsupportedSchema`], before anything else of it is read: a new version is
+/// one whose meaning an older reader cannot know (see `docs/model-package.md`, "Schema
+/// versions").
+pub const SUPPORTED_SCHEMAS: &[&str] = &[SCHEMA];
 
 /// `manifest.json` of a model package (see `docs/model-package.md`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Must equal [`SCHEMA`].
+    /// One of [`SUPPORTED_SCHEMAS`].
     pub schema: String,
     /// Model name.
     pub name: String,
-    /// `sha256:<hex>` over the package's ONNX files.
+    /// `sha256:<hex>` of the canonical manifest without this field (see
+    /// [`crate::content_hash`]); the identity peers compare.
     pub content_hash: String,
+    /// Every file of the package the runtime reads, by relative path, with its
+    /// `sha256:<hex>` digest.
+    pub files: BTreeMap<String, String>,
+    /// How a segment's gain enters the network.
+    pub gain: GainSpec,
     /// Image input and preprocessing.
     pub input: InputSpec,
     /// Category names; the index is the class id.
@@ -64,8 +76,42 @@ pub struct BackboneSpec {
     pub input: String,
     pub output: String,
     pub output_shape: Vec<i64>,
+    /// `[low, high]`: every value of the output lies in it (the bottleneck's activation
+    /// bounds it; codecs may rely on it).
+    pub output_range: [f32; 2],
     pub params: u64,
     pub macs: u64,
+}
+
+/// What a segment's gain input does, as the package declares it. The coordinator relies on
+/// each of these: it cuts out a segment whose gain is 0 instead of running it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GainSpec {
+    /// What the gain multiplies.
+    pub multiplies: GainTarget,
+    /// Gain 0 on a segment gives the same prediction as cutting the segment and its subtree
+    /// out; must be `true`.
+    pub zero_is_cutout: bool,
+    /// What a gain does to the logits under its segment.
+    pub logit_effect: LogitEffect,
+}
+
+/// Where a gain enters a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GainTarget {
+    /// The segment's output features: what its head scores and its children read.
+    SegmentOutput,
+}
+
+/// What a gain does to the logits of the categories under its segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogitEffect {
+    /// Adds exactly `ln(gain)` to each of them (a positively homogeneous subtree and head):
+    /// the gain is a log-prior on the group, it cannot reorder categories inside it.
+    AddsLogGain,
 }
 
 /// A named tensor with its shape.
@@ -112,14 +158,31 @@ pub struct FullSpec {
 }
 
 impl Manifest {
-    /// Reads `dir/manifest.json`.
+    /// Reads `dir/manifest.json`, refusing a schema version this reader does not accept
+    /// before looking at anything else (no integrity check: see [`crate::Model::load`]).
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        Self::read_raw(dir).map(|(manifest, _)| manifest)
+    }
+
+    /// [`Manifest::read`], also returning the text of `manifest.json`, which the content hash
+    /// is computed over.
+    pub fn read_raw(dir: &Path) -> Result<(Self, String), ModelError> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        let io = |source| ModelError::Io {
             path: path.clone(),
             source,
-        })?;
-        Self::from_json(text.as_bytes()).map_err(|source| ModelError::Json { path, source })
+        };
+        let text = std::fs::read(&path).map_err(io)?;
+        let text = String::from_utf8(text)
+            .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let json = |source| ModelError::Json {
+            path: path.clone(),
+            source,
+        };
+        let raw: Value = serde_json::from_str(&text).map_err(json)?;
+        check_schema(raw.get("schema").and_then(Value::as_str))?;
+        let manifest = Self::deserialize(&raw).map_err(json)?;
+        Ok((manifest, text))
     }
 
     /// Parses manifest JSON without validating it (see [`Manifest::validate`]).
@@ -130,10 +193,18 @@ impl Manifest {
     /// Checks the schema version and the consistency of the tree.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Invalid(m));
-        if self.schema != SCHEMA {
+        check_schema(Some(&self.schema))?;
+        if !self.gain.zero_is_cutout {
+            return bad(
+                "gain.zero_is_cutout is false, but the coordinator cuts out a segment whose gain is 0"
+                    .into(),
+            );
+        }
+        let [low, high] = self.backbone.output_range;
+        if !(low.is_finite() && high.is_finite() && low < high) {
             return bad(format!(
-                "schema \"{}\" is not supported; expected \"{SCHEMA}\"",
-                self.schema
+                "backbone output_range {:?} is not a finite [low, high] with low < high",
+                self.backbone.output_range
             ));
         }
         if self.input.dtype != "float32" {
@@ -281,41 +352,13 @@ impl Manifest {
     }
 }
 
-/// Computes a package's content hash as `docs/model-package.md` defines it.
-pub fn content_hash(dir: &Path) -> Result<String, ModelError> {
-    let mut files = Vec::new();
-    collect_onnx(dir, dir, &mut files)?;
-    files.sort();
-    let mut listing = String::new();
-    for rel in &files {
-        let path = dir.join(rel);
-        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io { path, source })?;
-        listing.push_str(&format!("{} {rel}\n", hex(&Sha256::digest(&bytes))));
+/// Refuses a schema version not in [`SUPPORTED_SCHEMAS`] (or none).
+fn check_schema(found: Option<&str>) -> Result<(), ModelError> {
+    match found {
+        Some(v) if SUPPORTED_SCHEMAS.contains(&v) => Ok(()),
+        other => Err(ModelError::UnsupportedSchema {
+            found: other.map_or_else(|| "none".into(), |v| format!("\"{v}\"")),
+            accepted: SUPPORTED_SCHEMAS.join(", "),
+        }),
     }
-    Ok(format!(
-        "sha256:{}",
-        hex(&Sha256::digest(listing.as_bytes()))
-    ))
-}
-
-fn collect_onnx(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), ModelError> {
-    let io = |path: PathBuf| move |source| ModelError::Io { path, source };
-    for entry in std::fs::read_dir(dir).map_err(io(dir.to_path_buf()))? {
-        let path = entry.map_err(io(dir.to_path_buf()))?.path();
-        if path.is_dir() {
-            collect_onnx(root, &path, out)?;
-        } else if path.extension().is_some_and(|e| e == "onnx") {
-            let rel = path.strip_prefix(root).unwrap_or(&path);
-            let parts: Vec<_> = rel
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy())
-                .collect();
-            out.push(parts.join("/"));
-        }
-    }
-    Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

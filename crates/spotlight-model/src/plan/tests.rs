@@ -20,10 +20,11 @@ fn model() -> Model {
         })
     };
     let manifest: Manifest = serde_json::from_value(serde_json::json!({
-        "schema": "spotlight.model/v1", "name": "toy", "content_hash": "sha256:00",
+        "schema": "spotlight.model/v2", "name": "toy", "content_hash": "sha256:00", "files": {},
+        "gain": {"multiplies": "segment_output", "zero_is_cutout": true, "logit_effect": "adds_log_gain"},
         "input": {"name": "image", "shape": [-1, 1, 4, 4], "dtype": "float32", "color": "gray", "scale": 255.0, "mean": [0.0], "std": [1.0]},
         "categories": ["c0", "c1", "c2", "c3"],
-        "backbone": {"file": "backbone.onnx", "input": "image", "output": "features", "output_shape": [-1, 4, 2, 2], "params": 1, "macs": 1},
+        "backbone": {"file": "backbone.onnx", "input": "image", "output": "features", "output_shape": [-1, 4, 2, 2], "output_range": [-1.0, 1.0], "params": 1, "macs": 1},
         "segments": [
             seg("a", None, &["a.x", "a.y"], &[], &[0, 1, 2], 100),
             seg("a.x", Some("a"), &[], &[0, 1], &[0, 1], 200),
@@ -135,12 +136,36 @@ fn validation_rejects_inconsistent_trees() {
     assert!(err.contains("scored by more than one segment"), "{err}");
     let mut manifest = m.manifest().clone();
     manifest.schema = "spotlight.model/v0".into();
+    let err = manifest.validate().unwrap_err();
+    assert!(matches!(err, ModelError::UnsupportedSchema { .. }), "{err}");
     assert!(
-        manifest
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("not supported")
+        err.to_string().contains(
+            "schema \"spotlight.model/v0\" is not supported; this reader accepts spotlight.model/v2"
+        ),
+        "{err}"
+    );
+    let mut manifest = m.manifest().clone();
+    manifest.gain.zero_is_cutout = false;
+    let err = manifest.validate().unwrap_err().to_string();
+    assert!(err.contains("zero_is_cutout"), "{err}");
+    for range in [[1.0, -1.0], [f32::NAN, 1.0], [0.0, 0.0]] {
+        let mut manifest = m.manifest().clone();
+        manifest.backbone.output_range = range;
+        let err = manifest.validate().unwrap_err().to_string();
+        assert!(err.contains("output_range"), "{range:?}: {err}");
+    }
+}
+
+#[test]
+fn an_unknown_gain_semantics_does_not_parse() {
+    let mut raw = serde_json::to_value(model().manifest()).unwrap();
+    raw["gain"]["multiplies"] = "segment_input".into();
+    let err = serde_json::from_value::<Manifest>(raw)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown variant `segment_input`, expected `segment_output`"),
+        "{err}"
     );
 }
 
