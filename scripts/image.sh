@@ -313,9 +313,11 @@ role coordinator coordinator --grpc-listen 127.0.0.1:7000 --http-listen 127.0.0.
     --tokens $S/tokens.toml --token-file $S/coordinator.token
 W=(--coordinator https://127.0.0.1:7000 --ca "$S/ca.pem" --cert "$S/worker.pem" --key "$S/worker.key"
    --tokens "$S/tokens.toml" --token-file "$S/worker.token")
-role w-tops worker --listen 127.0.0.1:7001 --advertise https://127.0.0.1:7001 --branches tops "${W[@]}"
+# The containers share one network namespace: each worker gets its own probe/metrics port.
+role w-tops worker --listen 127.0.0.1:7001 --advertise https://127.0.0.1:7001 \
+    --http-listen 127.0.0.1:7081 --branches tops "${W[@]}"
 role w-rest worker --listen 127.0.0.1:7002 --advertise https://127.0.0.1:7002 \
-    --branches footwear,other "${W[@]}"
+    --http-listen 127.0.0.1:7082 --branches footwear,other "${W[@]}"
 for _ in $(seq 100); do
     [ "$(pod logs "$run-coordinator" 2>&1 | grep -c 'worker registered')" -ge 2 ] && break
     sleep 0.2
