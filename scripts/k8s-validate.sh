@@ -175,6 +175,8 @@ if [ "$smoke" = 1 ]; then
   if [ -z "$bin" ] || [ ! -f "$ORT_DYLIB_PATH" ] || [ ! -f "$OUT/rendered/dev.yaml" ]; then
     bad "--smoke needs a built spotlight (or SPOTLIGHT=PATH), ONNX Runtime (make onnxruntime) and the dev render"
   else
+    # Absolute: the pods run in their own working directories.
+    bin=$(realpath "$bin")
     "$VENV/bin/python" deploy/k8s/smoke.py "$OUT/rendered/dev.yaml" --bin "$bin" --work "$OUT/smoke" || fail=1
   fi
 fi
