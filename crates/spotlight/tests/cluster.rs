@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{BIN, Coordinator, Proc, coordinator, http_get, repo, start};
+use support::{BIN, Coordinator, Proc, coordinator, http_get, http_put, repo, start};
 
 const IMAGES: &str = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz";
 const LABELS: &str = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz";
@@ -105,29 +105,6 @@ fn etcd() -> Option<Etcd> {
         url,
         _dir: dir,
     })
-}
-
-/// A plain HTTP/1.1 PUT with a JSON body; returns the status and the body.
-fn http_put(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        text.split_once("\r\n\r\n").map_or("", |(_, b)| b).into(),
-    )
 }
 
 fn task_version(c: &Coordinator) -> u64 {

@@ -204,11 +204,28 @@ impl Coordinator {
 
 /// A plain HTTP/1.1 GET; returns the status and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, None)
+}
+
+/// A plain HTTP/1.1 PUT of a JSON body; returns the status and the body.
+pub fn http_put(addr: SocketAddr, path: &str, json: &str) -> (u16, String) {
+    http_request(addr, "PUT", path, Some(json))
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str, json: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = json.unwrap_or("");
+    let content = match json {
+        Some(b) => format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ),
+        None => String::new(),
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{content}Connection: close\r\n\r\n{body}"
     )
     .unwrap();
     let mut text = String::new();
