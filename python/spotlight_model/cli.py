@@ -68,7 +68,9 @@ def cmd_train(args) -> None:
     x_va = torch.from_numpy(to_nchw_float(ds.train_images[va_idx]))
     y_va = torch.from_numpy(ds.train_labels[va_idx])
     in_ch = ds.image_shape[0]
-    cfg = {"bottleneck": args.bottleneck, "backbone_widths": [32, 64, 64],
+    widths = (args.backbone_widths.split(",") if args.backbone_widths
+              else tree.source.get("backbone_widths", [32, 64, 64]))
+    cfg = {"bottleneck": args.bottleneck, "backbone_widths": [int(w) for w in widths],
            "baseline_channels": [int(c) for c in args.baseline_channels.split(",")]}
     hp = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
           "weight_decay": args.weight_decay, "label_smoothing": 0.05, "seed": args.seed}
@@ -240,6 +242,9 @@ def main(argv=None) -> None:
         sp.add_argument("--val-size", type=int, default=5000)
         sp.add_argument("--limit", type=int, default=0, help="train on the first N training images only (smoke)")
         sp.add_argument("--bottleneck", type=int, default=8)
+        sp.add_argument("--backbone-widths", default=None,
+                        help="backbone convolutions, e.g. 16,48 (default: the tree file's "
+                             "backbone_widths, else 32,64,64)")
         sp.add_argument("--baseline-channels", default=",".join(map(str, BASELINE_CHANNELS)))
         sp.add_argument("--models", default="nested,baseline", help="which models to train")
         sp.add_argument("--no-parallel", dest="parallel", action="store_false",

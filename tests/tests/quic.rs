@@ -152,3 +152,53 @@ async fn quic_uses_the_coordinators_tls_and_tokens() {
     let _ = stop.send(());
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_each_message_are_routed_once_and_answered_once() {
+    let sandbox = SandboxBuilder::new().worker_per_branch().start().await;
+    let url = format!("http://{}", sandbox.grpc);
+    let pid = std::process::id();
+    let n = 300u64;
+    let mut runs = Vec::new();
+    for copies in [1, 3] {
+        let before: Vec<u64> = worker_requests(&sandbox).await;
+        let out = std::env::temp_dir().join(format!("spotlight-quic-copies-{copies}-{pid}.jsonl"));
+        let config = EdgeConfig {
+            quic_copies: copies,
+            // A transport benchmark's set-up: every frame precomputed, timed from sending.
+            precompute: copies > 1,
+            ..edge_config(url.clone(), Transport::Quic, &out, n)
+        };
+        let summary = run_edge(config, spotlight_service::Security::insecure())
+            .await
+            .expect("edge run");
+        assert_eq!(
+            (summary.frames, summary.predictions, summary.errors),
+            (n, n, 0),
+            "{copies} copies: {summary}"
+        );
+        let after = worker_requests(&sandbox).await;
+        for (w, (a, b)) in after.iter().zip(&before).enumerate() {
+            assert_eq!(
+                a - b,
+                n,
+                "{copies} copies: worker {w} ran each frame once (all categories relevant)"
+            );
+        }
+        let p = predictions(&out);
+        assert_eq!(p.len() as u64, n, "{copies} copies: one record per frame");
+        runs.push(p);
+        let _ = std::fs::remove_file(out);
+    }
+    assert_eq!(runs[0], runs[1], "copies change no prediction");
+    sandbox.stop().await;
+}
+
+/// Frames answered so far by each worker of the sandbox.
+async fn worker_requests(sandbox: &Sandbox) -> Vec<u64> {
+    let mut out = Vec::new();
+    for w in &sandbox.workers {
+        out.push(w.stats().await.requests);
+    }
+    out
+}

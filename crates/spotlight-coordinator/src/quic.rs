@@ -3,14 +3,16 @@
 //! lost packet delays only the frames of one message. Same checks, routing and answers as
 //! the gRPC stream.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use spotlight_proto::v1 as pb;
 use spotlight_proto::v1::cloud_message::Kind as Out;
 use spotlight_proto::v1::edge_message::Kind as In;
 use spotlight_service::Access;
 use spotlight_service::quic::{read_msg, write_msg};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::Shared;
@@ -115,12 +117,16 @@ async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()
     tracing::info!(edge_id = hello.edge_id, %peer, "QUIC stream opened");
 
     let permits = Arc::new(Semaphore::new(shared.config.max_in_flight_per_stream));
+    let copies = Arc::new(Mutex::new(Copies::new(
+        REMEMBERED + shared.config.max_in_flight_per_stream,
+    )));
     let mut messages = JoinSet::new();
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    messages.spawn(message(shared.clone(), permits.clone(), send, recv));
+                    let (shared, permits, copies) = (shared.clone(), permits.clone(), copies.clone());
+                    messages.spawn(message(shared, permits, copies, send, recv));
                 }
                 Err(e) => {
                     tracing::debug!(edge_id = hello.edge_id, error = %e, "QUIC connection closed");
@@ -141,10 +147,95 @@ async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()
     Ok(())
 }
 
+/// Answered frames a connection remembers (beyond those in flight), so that a late copy
+/// of one gets the same answer instead of being routed again.
+const REMEMBERED: usize = 4096;
+
+/// How long a copy that waited for another copy's answer waits more before writing it, so
+/// that the copies' answers leave in different packets.
+const COPY_GAP: Duration = Duration::from_millis(2);
+
+/// The frames a connection has taken, by seq (unique within an edge's session): an edge
+/// that sends copies of a message (`quic_copies`) has each frame routed once, and every
+/// copy answered with the same answer.
+struct Copies {
+    frames: HashMap<u64, Seen>,
+    order: VecDeque<u64>,
+    cap: usize,
+}
+
+struct Seen {
+    features: Option<pb::FeatureTensor>,
+    answer: watch::Receiver<Option<Out>>,
+}
+
+/// What a stream does with one of its frames.
+enum Role {
+    /// The first copy: route it and publish the answer.
+    Route(watch::Sender<Option<Out>>),
+    /// Another copy of a frame taken before: wait for that one's answer.
+    Follow(watch::Receiver<Option<Out>>),
+}
+
+impl Copies {
+    fn new(cap: usize) -> Self {
+        Self {
+            frames: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// Follows an earlier copy of `frame` (same seq, same features), or takes it as new.
+    /// A seq seen with other features is a new frame (an edge breaking the protocol's
+    /// uniqueness still gets each frame routed).
+    fn take(&mut self, frame: &pb::Frame) -> Role {
+        if let Some(seen) = self.frames.get(&frame.seq)
+            && seen.features == frame.features
+        {
+            return Role::Follow(seen.answer.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        self.frames.insert(
+            frame.seq,
+            Seen {
+                features: frame.features.clone(),
+                answer: rx,
+            },
+        );
+        self.order.push_back(frame.seq);
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.frames.remove(&old);
+            }
+        }
+        Role::Route(tx)
+    }
+}
+
+/// Waits for the answer another copy of frame `seq` publishes.
+async fn followed(seq: u64, mut rx: watch::Receiver<Option<Out>>) -> Out {
+    let waited = rx.borrow().is_none();
+    let answer = match rx.wait_for(Option::is_some).await {
+        Ok(a) => a.clone().expect("waited for an answer"),
+        Err(_) => Out::Error(pb::FrameError {
+            seq,
+            code: tonic::Code::Unavailable as i32,
+            message: "another copy of this frame was taken but not answered (coordinator stopping)"
+                .into(),
+        }),
+    };
+    if waited {
+        tokio::time::sleep(COPY_GAP).await;
+    }
+    answer
+}
+
 /// One edge message on its own stream: route its frames, answer on the same stream.
 async fn message(
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
+    copies: Arc<Mutex<Copies>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -176,9 +267,21 @@ async fn message(
             return;
         }
     };
+    let roles: Vec<Role> = {
+        let mut copies = copies.lock().unwrap_or_else(|p| p.into_inner());
+        frames.iter().map(|f| copies.take(f)).collect()
+    };
+    let mut answers: Vec<Option<Out>> = vec![None; frames.len()];
+    let mut routed: Vec<(usize, watch::Sender<Option<Out>>)> = Vec::new();
+    let mut following = Vec::new();
+    for (i, role) in roles.into_iter().enumerate() {
+        match role {
+            Role::Route(tx) => routed.push((i, tx)),
+            Role::Follow(rx) => following.push((i, rx)),
+        }
+    }
     let limit = shared.config.max_in_flight_per_stream;
-    let mut answers = Vec::with_capacity(frames.len());
-    for chunk in frames.chunks(limit) {
+    for chunk in routed.chunks(limit) {
         // Backpressure as on gRPC: per connection, then over all streams.
         let n = chunk.len() as u32;
         let (Ok(_mine), Ok(_all)) = (
@@ -188,16 +291,21 @@ async fn message(
             return;
         };
         let task = shared.task.current();
-        let batch = chunk.iter().map(|f| (f.seq, f.features.clone())).collect();
+        let batch = chunk
+            .iter()
+            .map(|(i, _)| (frames[*i].seq, frames[*i].features.clone()))
+            .collect();
         let results = shared.router.route_batch(batch, task).await;
-        answers.extend(
-            chunk
-                .iter()
-                .zip(results)
-                .map(|(f, result)| answer(f.seq, result)),
-        );
+        for ((i, tx), result) in chunk.iter().zip(results) {
+            let out = answer(frames[*i].seq, result);
+            tx.send_replace(Some(out.clone()));
+            answers[*i] = Some(out);
+        }
     }
-    reply(&mut send, answers).await;
+    for (i, rx) in following {
+        answers[i] = Some(followed(frames[i].seq, rx).await);
+    }
+    reply(&mut send, answers.into_iter().flatten().collect()).await;
 }
 
 /// Writes the answers (one message, batched when there are several) and ends the stream.

@@ -157,14 +157,24 @@ pub struct Job {
 
 /// Takes items off `items`, batching up to `batch_size` of those already queued, and sends
 /// one job per image to `jobs`. Failures become records at once. Returns when `items`
-/// closes.
+/// closes. With `hold` (the edge's `precompute`), no job is sent before `items` closes.
 pub(crate) fn serve(
     mut backbone: Backbone,
     batch_size: usize,
     mut items: mpsc::Receiver<Item>,
     jobs: mpsc::Sender<Job>,
     sink: Sink,
+    hold: bool,
 ) {
+    let mut held = Vec::new();
+    let send = |job: Job| {
+        if let Err(mpsc::error::SendError(job)) = jobs.blocking_send(job) {
+            sink.fail(
+                job.meta,
+                FrameFailure::new(code::CANCELLED, "the stream to the coordinator has stopped"),
+            );
+        }
+    };
     let spec = backbone.model().manifest().input.clone();
     while let Some(first) = items.blocking_recv() {
         let mut batch = vec![first];
@@ -224,14 +234,10 @@ pub(crate) fn serve(
                         features,
                         started,
                     };
-                    if let Err(mpsc::error::SendError(job)) = jobs.blocking_send(job) {
-                        sink.fail(
-                            job.meta,
-                            FrameFailure::new(
-                                code::CANCELLED,
-                                "the stream to the coordinator has stopped",
-                            ),
-                        );
+                    if hold {
+                        held.push(job);
+                    } else {
+                        send(job);
                     }
                 }
             }
@@ -243,4 +249,8 @@ pub(crate) fn serve(
             }
         }
     }
+    if hold {
+        tracing::info!(frames = held.len(), "precomputed; sending");
+    }
+    held.into_iter().for_each(send);
 }

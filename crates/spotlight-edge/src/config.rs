@@ -9,6 +9,9 @@ use spotlight_codec::{Codec, Compression};
 
 use crate::EdgeError;
 
+/// Most copies of a message the edge sends over QUIC (`quic_copies`).
+pub const MAX_QUIC_COPIES: usize = 4;
+
 /// Everything the edge agent needs besides the model package.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -23,6 +26,18 @@ pub struct EdgeConfig {
     /// QUIC: frames per QUIC stream. Each frame on its own stream (1) means a lost packet
     /// delays one frame; more frames per stream cost less per frame.
     pub quic_stream_frames: usize,
+    /// QUIC: copies of every message, each on a stream of its own and each started
+    /// `quic_copy_gap_ms` after the previous one, so that they travel in different packets.
+    /// The first answer wins; the coordinator routes a frame once however many copies
+    /// arrive. 2 means a frame waits for a retransmission only when both copies (or both
+    /// answers) are lost, at twice the bytes on the link. 1 (the default) sends one copy.
+    pub quic_copies: usize,
+    /// QUIC: milliseconds between the copies of a message.
+    pub quic_copy_gap_ms: u64,
+    /// Transport benchmarks: run the backbone over every input before sending any, and time
+    /// each frame from when it is sent, so that the edge's own compute stays out of the
+    /// latency. Needs a dataset source and no local API. Off by default.
+    pub precompute: bool,
     /// Free-form identifier of this device, sent in the hello.
     pub edge_id: String,
     /// Codec of the feature tensors on the wire (announced in the hello).
@@ -61,6 +76,9 @@ impl Default for EdgeConfig {
             coordinator: "http://127.0.0.1:7000".into(),
             transport: Transport::Grpc,
             quic_stream_frames: 1,
+            quic_copies: 1,
+            quic_copy_gap_ms: 2,
+            precompute: false,
             edge_id: "edge".into(),
             codec: Codec::Int8,
             compression: Compression::None,
@@ -164,6 +182,25 @@ impl EdgeConfig {
         let bad = |m: String| Err(EdgeError::Config(m));
         if self.quic_stream_frames == 0 {
             return bad("quic_stream_frames must be >= 1".into());
+        }
+        if !(1..=MAX_QUIC_COPIES).contains(&self.quic_copies) {
+            return bad(format!(
+                "quic_copies must be 1 to {MAX_QUIC_COPIES}, not {}",
+                self.quic_copies
+            ));
+        }
+        if self.precompute && (matches!(self.source, SourceConfig::None) || self.listen.is_some()) {
+            return bad(
+                "precompute runs the backbone over the whole input before sending: it needs a \
+                 dataset source and no local API (listen)"
+                    .into(),
+            );
+        }
+        if self.quic_copy_gap_ms > 1000 {
+            return bad(format!(
+                "quic_copy_gap_ms must be at most 1000, not {}",
+                self.quic_copy_gap_ms
+            ));
         }
         for c in self.coordinators() {
             if !(c.starts_with("http://") || c.starts_with("https://")) {
@@ -294,6 +331,23 @@ mod tests {
             },
             EdgeConfig {
                 max_in_flight: 0,
+                ..base.clone()
+            },
+            EdgeConfig {
+                quic_copies: 0,
+                ..base.clone()
+            },
+            EdgeConfig {
+                quic_copies: MAX_QUIC_COPIES + 1,
+                ..base.clone()
+            },
+            EdgeConfig {
+                quic_copy_gap_ms: 5000,
+                ..base.clone()
+            },
+            // The local API never ends its input: nothing would ever be sent.
+            EdgeConfig {
+                precompute: true,
                 ..base.clone()
             },
             EdgeConfig {

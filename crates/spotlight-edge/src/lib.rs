@@ -147,13 +147,14 @@ async fn run_validated(
         let (model, sink, codec) = (model.clone(), sink.clone(), config.codec);
         let compression = config.compression;
         let (threads, batch) = (config.backbone_threads, config.batch_size);
+        let precompute = config.precompute;
         std::thread::Builder::new()
             .name("spotlight-backbone".into())
             .spawn(move || match Backbone::open(model, codec, threads) {
                 Ok(b) => {
                     let b = b.with_compression(compression);
                     let _ = opened_tx.send(Ok(()));
-                    backbone::serve(b, batch, items_rx, jobs_tx, sink);
+                    backbone::serve(b, batch, items_rx, jobs_tx, sink, precompute);
                 }
                 Err(e) => {
                     let _ = opened_tx.send(Err(e));
@@ -249,6 +250,9 @@ async fn run_validated(
     driver.security = security;
     driver.transport = config.transport;
     driver.quic_stream_frames = config.quic_stream_frames;
+    driver.quic_copies = config.quic_copies;
+    driver.time_from_send = config.precompute;
+    driver.quic_copy_gap = Duration::from_millis(config.quic_copy_gap_ms);
     driver.alternates = endpoints;
     let mut driver = tokio::spawn(driver.run().in_current_span());
     let shutdown = std::pin::pin!(shutdown);

@@ -47,6 +47,39 @@ fn split_for_quic(message: EdgeMessage, per_stream: usize) -> Vec<EdgeMessage> {
     }
 }
 
+/// Sends `message` on a QUIC stream of its own and reads its answer there. With `copies` >
+/// 1, copy k starts k × `gap` later on another stream (so the copies leave in different
+/// packets) and the first answer wins; the others are dropped, which resets their streams.
+async fn quic_exchange(
+    conn: &quinn::Connection,
+    message: &EdgeMessage,
+    copies: usize,
+    gap: Duration,
+) -> Result<CloudMessage, tonic::Status> {
+    use spotlight_service::quic::{read_msg, write_msg};
+    let one = |k: u32| async move {
+        if k > 0 {
+            tokio::time::sleep(gap * k).await;
+        }
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| quic_status(&e))?;
+        write_msg(&mut send, message)
+            .await
+            .map_err(tonic::Status::unavailable)?;
+        let _ = send.finish();
+        read_msg::<CloudMessage>(&mut recv)
+            .await
+            .map_err(tonic::Status::unavailable)?
+            .ok_or_else(|| tonic::Status::unavailable("stream ended without an answer"))
+    };
+    if copies <= 1 {
+        return one(0).await;
+    }
+    let attempts = (0..copies as u32).map(|k| Box::pin(one(k)));
+    futures::future::select_ok(attempts)
+        .await
+        .map(|(answer, _others)| answer)
+}
+
 /// A QUIC connection's end as a gRPC status: the coordinator closes with the status code as
 /// its application error code and the message as the reason.
 fn quic_status(e: &quinn::ConnectionError) -> tonic::Status {
@@ -242,6 +275,11 @@ pub(crate) struct StreamDriver {
     pub transport: Transport,
     /// QUIC: frames per stream (a lost packet holds up at most these).
     pub quic_stream_frames: usize,
+    /// QUIC: copies of each message, `quic_copy_gap` apart; the first answer wins.
+    pub quic_copies: usize,
+    pub quic_copy_gap: Duration,
+    /// Time each frame from when it is sent instead of from its backbone run (`precompute`).
+    pub time_from_send: bool,
     /// Other coordinator replicas, tried in turn when the stream breaks.
     pub alternates: std::collections::VecDeque<(String, Endpoint)>,
     input_open: bool,
@@ -275,6 +313,9 @@ impl StreamDriver {
             security: spotlight_service::Security::insecure(),
             transport: Transport::Grpc,
             quic_stream_frames: 1,
+            quic_copies: 1,
+            quic_copy_gap: Duration::from_millis(2),
+            time_from_send: false,
             alternates: Default::default(),
             input_open: true,
             deadline: None,
@@ -483,6 +524,7 @@ impl StreamDriver {
         let (tx, mut rx) = mpsc::channel::<EdgeMessage>(self.window.cap + 2);
         let (answers_tx, answers_rx) = mpsc::channel(self.window.cap + 2);
         let per_stream = self.quic_stream_frames.max(1);
+        let (copies, gap) = (self.quic_copies.max(1), self.quic_copy_gap);
         tokio::spawn(async move {
             // The endpoint and the control stream live as long as the session.
             let _keep = (endpoint, control_tx, control_rx);
@@ -493,21 +535,8 @@ impl StreamDriver {
                         for message in split_for_quic(message, per_stream) {
                         let (conn, answers) = (conn.clone(), answers_tx.clone());
                         tokio::spawn(async move {
-                            let answer = async {
-                                let (mut send, mut recv) =
-                                    conn.open_bi().await.map_err(|e| quic_status(&e))?;
-                                write_msg(&mut send, &message)
-                                    .await
-                                    .map_err(tonic::Status::unavailable)?;
-                                let _ = send.finish();
-                                read_msg::<CloudMessage>(&mut recv)
-                                    .await
-                                    .map_err(tonic::Status::unavailable)?
-                                    .ok_or_else(|| {
-                                        tonic::Status::unavailable("stream ended without an answer")
-                                    })
-                            };
-                            let _ = answers.send(answer.await).await;
+                            let answer = quic_exchange(&conn, &message, copies, gap).await;
+                            let _ = answers.send(answer).await;
                         });
                         }
                     }
@@ -649,10 +678,17 @@ impl StreamDriver {
                 Event::Job(Some(job)) => {
                     // Every frame ready now goes in one message: cheaper per frame on both
                     // sides than a message each.
-                    let mut msgs = vec![self.window.insert(job)];
+                    let from_send = self.time_from_send;
+                    let stamp = |mut job: Job| {
+                        if from_send {
+                            job.started = Instant::now();
+                        }
+                        job
+                    };
+                    let mut msgs = vec![self.window.insert(stamp(job))];
                     while self.window.has_room() && msgs.len() < MAX_FRAMES_PER_MESSAGE {
                         match self.jobs.try_recv() {
-                            Ok(job) => msgs.push(self.window.insert(job)),
+                            Ok(job) => msgs.push(self.window.insert(stamp(job))),
                             Err(_) => break,
                         }
                     }
