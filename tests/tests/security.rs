@@ -34,6 +34,22 @@ fn client_security(ca_pem: &str, token: Option<&spotlight_service::Secret>) -> S
     .expect("client security")
 }
 
+/// Whether a QUIC handshake with the coordinator at `addr` succeeds for a client that
+/// verifies it against `security`'s CA.
+async fn quic_handshake(security: &Security, addr: std::net::SocketAddr) -> bool {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("socket");
+    endpoint.set_default_client_config(security.quic_client_config().expect("QUIC config"));
+    let done = match endpoint.connect(addr, security.quic_server_name("127.0.0.1")) {
+        Ok(connecting) => matches!(
+            tokio::time::timeout(Duration::from_secs(5), connecting).await,
+            Ok(Ok(_))
+        ),
+        Err(_) => false,
+    };
+    endpoint.close(0u32.into(), b"checked");
+    done
+}
+
 async fn channel(security: &Security, url: &str) -> Result<AuthChannel, tonic::transport::Error> {
     let endpoint = security
         .endpoint(url)
@@ -520,6 +536,10 @@ async fn certificates_and_tokens_rotate_without_a_restart() {
         .get_task(pb::GetTaskRequest {})
         .await
         .expect("old credentials work");
+    assert!(
+        quic_handshake(&old_reader, sandbox.grpc).await,
+        "QUIC serves the first certificate"
+    );
 
     let new = DevPki::generate(&[]).expect("pki");
     new.write(dir.path(), true).expect("rotate");
@@ -547,6 +567,15 @@ async fn certificates_and_tokens_rotate_without_a_restart() {
             .is_err(),
     };
     assert!(old_ca_refused, "the old certificate is still served");
+    // QUIC (same address, UDP) serves the new certificate to new connections too.
+    assert!(
+        quic_handshake(&new_reader, sandbox.grpc).await,
+        "QUIC does not serve the rotated certificate"
+    );
+    assert!(
+        !quic_handshake(&old_reader, sandbox.grpc).await,
+        "QUIC still serves the old certificate"
+    );
     let mixed = client_security(&new.ca_pem, Some(old.token(Role::Reader)));
     assert_eq!(
         code(

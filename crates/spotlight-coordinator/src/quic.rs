@@ -25,14 +25,15 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     socket: std::net::UdpSocket,
 ) -> Result<(), crate::CoordinatorError> {
-    let config = shared
-        .config
-        .security
+    let security = &shared.config.security;
+    let mut tls_in_force = security.quic_server_tls();
+    let config = security
         .quic_server_config()
         .map_err(|e| crate::CoordinatorError::Config(e.to_string()))?;
+    let mut config = Arc::new(config);
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        Some(config),
+        Some((*config).clone()),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
@@ -42,9 +43,25 @@ pub(crate) async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
-                    let shared = shared.clone();
+                    // Rotated certificate files (reloaded by the security watcher) apply to
+                    // the connections accepted from now on, as on gRPC and HTTPS.
+                    let tls = security.quic_server_tls();
+                    if let (Some(now), Some(before)) = (&tls, &tls_in_force)
+                        && !Arc::ptr_eq(now, before)
+                    {
+                        match security.quic_server_config() {
+                            Ok(fresh) => {
+                                endpoint.set_server_config(Some(fresh.clone()));
+                                config = Arc::new(fresh);
+                                tracing::info!("QUIC: new connections get the reloaded certificate");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "QUIC: reloaded certificate unusable; keeping the old one"),
+                        }
+                        tls_in_force = tls;
+                    }
+                    let (shared, config) = (shared.clone(), config.clone());
                     connections.spawn(async move {
-                        if let Err(e) = connection(shared, incoming).await {
+                        if let Err(e) = connection(shared, incoming, config).await {
                             tracing::debug!(error = %e, "QUIC connection ended");
                         }
                     });
@@ -70,8 +87,18 @@ fn refuse(conn: &quinn::Connection, status: &tonic::Status) {
     );
 }
 
-async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<(), String> {
-    let conn = incoming.await.map_err(|e| e.to_string())?;
+/// One edge's connection, accepted with `config` (the certificate in force when it arrived;
+/// the connection was queued under the one before a rotation).
+async fn connection(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    config: Arc<quinn::ServerConfig>,
+) -> Result<(), String> {
+    let conn = incoming
+        .accept_with(config)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
     let peer = conn.remote_address();
     let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok(s)) => s,

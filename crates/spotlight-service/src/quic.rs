@@ -69,6 +69,14 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 impl Security {
+    /// The rustls configuration QUIC connections get now (certificate files are reloaded
+    /// when they change); `None` under `--insecure`. A server compares it with the one its
+    /// endpoint was given and, when it differs, gives the endpoint a fresh
+    /// [`Security::quic_server_config`], so new connections see rotated certificates.
+    pub fn quic_server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.server.as_ref().map(|s| s.config(crate::Alpn::Quic))
+    }
+
     /// The coordinator's QUIC server configuration: its certificate (with mutual TLS when
     /// configured), or, under `--insecure`, a throwaway self-signed one.
     pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, SecurityError> {
