@@ -182,11 +182,22 @@ def check_costs(pkg_dir: str | Path, manifest: dict | None = None, *, macs_rtol:
         rows.append({"part": name, "file": spec["file"], "manifest_params": spec["params"],
                      "onnx_params": got["params"], "onnx_conv_bias": got["conv_bias"],
                      "manifest_macs": spec["macs"], "onnx_macs": got["macs"]})
+    # a fused branch graph (manifest "branches") costs exactly the segments it fuses
+    by_part = {r["part"]: r for r in rows}
+    branch_rows = []
+    for b in m.get("branches", []):
+        got = onnx_costs(pkg / b["file"])
+        of = [by_part[sid] for sid in b["segments"]]
+        branch_rows.append({"part": f"branch {b['id']}", "file": b["file"],
+                            "manifest_params": sum(r["manifest_params"] for r in of),
+                            "onnx_params": got["params"], "onnx_conv_bias": got["conv_bias"],
+                            "manifest_macs": sum(r["manifest_macs"] for r in of), "onnx_macs": got["macs"]})
     full = onnx_costs(pkg / m["full"]["file"])
     rows.append({"part": "full", "file": m["full"]["file"],
                  "manifest_params": sum(r["manifest_params"] for r in rows),
                  "onnx_params": full["params"], "onnx_conv_bias": full["conv_bias"],
                  "manifest_macs": sum(r["manifest_macs"] for r in rows), "onnx_macs": full["macs"]})
+    rows[-1:-1] = branch_rows
     bad = []
     for r in rows:
         where = f"{r['part']} ({r['file']})"

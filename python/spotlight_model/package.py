@@ -53,6 +53,28 @@ class _SegWrap(nn.Module):
         return f if self.has_feat else lg
 
 
+class _BranchWrap(nn.Module):
+    """A top-level segment and everything nested under it as one graph: x and one gain per
+    segment of the subtree (columns in manifest order) in, the logits of every segment of the
+    subtree that has direct categories out (manifest order). The same arithmetic as running
+    the segments one after another; one ONNX Runtime run instead of one per segment."""
+
+    def __init__(self, model: NestedNet, ids: list[str]):
+        super().__init__()
+        self.model, self.ids = model, ids
+        self.parent = {s.id: s.parent for s in model.tree.segments}
+
+    def forward(self, x, gains):
+        feats, logits = {}, []
+        for j, sid in enumerate(self.ids):
+            inp = x if j == 0 else feats[self.parent[sid]]
+            f, lg = self.model.segment(sid)(inp, gains[:, j:j + 1])
+            feats[sid] = f
+            if lg is not None:
+                logits.append(lg)
+        return tuple(logits)
+
+
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names) -> None:
     """Export with a dynamic batch axis (dim 0) on every input and output."""
     module.eval()
@@ -119,6 +141,18 @@ def export_package(model: NestedNet, out_dir: str | Path, *, name: str, mean, st
             "macs": costs[s.id]["macs"],
         })
 
+    # Each top-level segment with children also as one graph of its whole subtree
+    # (manifest "branches"): a worker that runs the whole subtree for a batch runs it once.
+    branch_entries = []
+    for top in (s for s in tree.segments if s.parent is None and s.children):
+        ids = [s.id for s in tree.segments if s.id == top.id or s.id.startswith(top.id + ".")]
+        with_logits = [sid for sid in ids if tree.by_id()[sid].direct_categories]
+        rel = f"branches/{top.id}.onnx"
+        outs = [f"{sid}/logits" for sid in with_logits]
+        _export(_BranchWrap(model, ids), (feats, torch.ones(2, len(ids))), out / rel, ["x", "gains"], outs)
+        branch_entries.append({"id": top.id, "file": rel, "input": "x", "gains_input": "gains",
+                               "segments": ids, "logits_outputs": dict(zip(with_logits, outs))})
+
     gains = torch.ones(2, len(tree.segments))
     _export(model, (img, gains), out / "full.onnx", ["image", "gains"], ["logits"])
 
@@ -149,6 +183,7 @@ def export_package(model: NestedNet, out_dir: str | Path, *, name: str, mean, st
             "macs": costs["backbone"]["macs"],
         },
         "segments": seg_entries,
+        "branches": branch_entries,
         "full": {"file": "full.onnx", "input": "image", "gains_input": "gains", "output": "logits"},
         "training": training or {},
     }
@@ -158,7 +193,36 @@ def export_package(model: NestedNet, out_dir: str | Path, *, name: str, mean, st
     check_output_range(out, manifest)
     check_costs(out, manifest)
     check_gain_semantics(out)
+    check_branches(out, manifest)
     return manifest
+
+
+def check_branches(pkg_dir: str | Path, manifest: dict | None = None, n: int = 16, seed: int = 0) -> None:
+    """Each fused branch graph gives the logits its segments give when run one after another
+    (random bottleneck features in the declared range, random per-segment gains in [0, 3])."""
+    runner = PackageRunner(pkg_dir, threads=1, manifest=manifest)
+    m = runner.manifest
+    lo, hi = m["backbone"]["output_range"]
+    shape = [n] + m["backbone"]["output_shape"][1:]
+    rng = np.random.default_rng(seed)
+    by = {s["id"]: s for s in m["segments"]}
+    for b in m.get("branches", []):
+        top = by[b["segments"][0]]
+        subtree = [s["id"] for s in m["segments"] if s["id"] == top["id"] or s["id"].startswith(top["id"] + ".")]
+        if top["parent"] is not None or b["segments"] != subtree:
+            raise ValueError(f"{pkg_dir}: branch {b['id']} must list a top-level segment and its whole "
+                             f"subtree in manifest order ({subtree}), not {b['segments']}")
+        feats = rng.uniform(lo, hi, size=shape).astype(np.float32)
+        gains = rng.uniform(0.0, 3.0, size=(n, len(subtree))).astype(np.float32)
+        sess = runner._sess(b["file"])
+        names = list(b["logits_outputs"].values())
+        got = dict(zip(b["logits_outputs"], sess.run(names, {b["input"]: feats, b["gains_input"]: gains})))
+        cols = runner.run_segments(feats, subtree, {sid: gains[:, j] for j, sid in enumerate(subtree)})
+        for sid, lg in got.items():
+            want = np.stack([cols[c] for c in by[sid]["direct_categories"]], axis=1)
+            if np.abs(lg - want).max() > 1e-4:
+                raise ValueError(f"{pkg_dir}: branch {b['id']} output {sid} differs from the segments run "
+                                 f"one after another by {np.abs(lg - want).max():.2e}")
 
 
 def remanifest(pkg_dir: str | Path, log=print) -> dict:

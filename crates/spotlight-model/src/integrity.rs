@@ -207,7 +207,8 @@ pub fn verify_package(
     }
     let named = std::iter::once(&manifest.backbone.file)
         .chain(std::iter::once(&manifest.full.file))
-        .chain(manifest.segments.iter().map(|s| &s.file));
+        .chain(manifest.segments.iter().map(|s| &s.file))
+        .chain(manifest.branches.iter().map(|b| &b.file));
     for file in named {
         if !manifest.files.contains_key(file) {
             return Err(ModelError::Invalid(format!(

@@ -12,8 +12,8 @@ mod preprocess;
 pub use error::ModelError;
 pub use integrity::{canonical_json, content_hash, sha256_digest, verify_package};
 pub use manifest::{
-    BackboneSpec, FullSpec, GainSpec, GainTarget, InputSpec, LogitEffect, Manifest, SCHEMA,
-    SUPPORTED_SCHEMAS, SegmentSpec, TensorSpec,
+    BackboneSpec, BranchSpec, FullSpec, GainSpec, GainTarget, InputSpec, LogitEffect, Manifest,
+    SCHEMA, SUPPORTED_SCHEMAS, SegmentSpec, TensorSpec,
 };
 pub use plan::{
     CategoryScore, MAX_GAIN, MAX_NAME_LEN, MAX_PATH_GAIN, MergeError, Plan, Scores, TaskSpec,

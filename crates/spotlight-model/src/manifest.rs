@@ -38,8 +38,32 @@ pub struct Manifest {
     pub backbone: BackboneSpec,
     /// The high-level segments, parents before children.
     pub segments: Vec<SegmentSpec>,
+    /// Optional: top-level segments fused with their whole subtree into one graph each, for
+    /// workers that run the whole subtree for a batch (one ONNX Runtime run instead of one
+    /// per segment; the same arithmetic). Readers that ignore them run the segments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<BranchSpec>,
     /// The monolithic graph.
     pub full: FullSpec,
+}
+
+/// A top-level segment and every segment under it as one graph: features and one gain per
+/// segment in, the logits of each segment that scores categories out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BranchSpec {
+    /// The top-level segment's id.
+    pub id: String,
+    /// ONNX file, relative to the package.
+    pub file: String,
+    /// The features input (the backbone's output).
+    pub input: String,
+    /// `[N, segments.len()]` gains, columns in `segments` order.
+    pub gains_input: String,
+    /// The top-level segment and its whole subtree, in manifest order.
+    pub segments: Vec<String>,
+    /// Output name of the logits of each segment that has direct categories.
+    pub logits_outputs: BTreeMap<String, String>,
 }
 
 /// Image input and its normalisation.
@@ -347,6 +371,43 @@ impl Manifest {
                 "category \"{}\" is scored by no segment",
                 self.categories[c]
             ));
+        }
+        let mut fused = HashSet::new();
+        for b in &self.branches {
+            let subtree: Vec<&str> = self
+                .segments
+                .iter()
+                .filter(|s| s.id == b.id || s.id.starts_with(&format!("{}.", b.id)))
+                .map(|s| s.id.as_str())
+                .collect();
+            let top_level = self
+                .segments
+                .iter()
+                .any(|s| s.id == b.id && s.parent.is_none());
+            if !top_level || b.segments != subtree || !fused.insert(b.id.as_str()) {
+                return bad(format!(
+                    "branch \"{}\" must be a top-level segment listed once, with its whole subtree in manifest order ({subtree:?}), not {:?}",
+                    b.id, b.segments
+                ));
+            }
+            let mut scoring: Vec<&str> = self
+                .segments
+                .iter()
+                .filter(|s| subtree.contains(&s.id.as_str()) && s.logits_output.is_some())
+                .map(|s| s.id.as_str())
+                .collect();
+            scoring.sort_unstable();
+            if !b
+                .logits_outputs
+                .keys()
+                .map(String::as_str)
+                .eq(scoring.iter().copied())
+            {
+                return bad(format!(
+                    "branch \"{}\" must name a logits output for exactly {scoring:?}",
+                    b.id
+                ));
+            }
         }
         Ok(())
     }

@@ -248,3 +248,46 @@ fn the_manifest_fuzz_seeds_are_current_manifests() {
     }
     assert!(n >= 5);
 }
+
+#[test]
+fn a_fused_branch_must_cover_a_whole_top_level_subtree() {
+    let base = read_manifest(&shipped());
+    let with = |branch: Value| {
+        let mut m = base.clone();
+        m["branches"] = Value::Array(vec![branch]);
+        spotlight_model::Manifest::from_json(m.to_string().as_bytes())
+            .expect("parses")
+            .validate()
+    };
+    let branch = |segments: &[&str], outputs: &[&str]| {
+        serde_json::json!({
+            "id": segments[0], "file": "branches/x.onnx", "input": "x", "gains_input": "gains",
+            "segments": segments,
+            "logits_outputs": outputs.iter().map(|s| (s.to_string(), Value::String(format!("{s}/logits")))).collect::<serde_json::Map<_, _>>(),
+        })
+    };
+    with(branch(
+        &["tops", "tops.light", "tops.warm"],
+        &["tops.light", "tops.warm"],
+    ))
+    .expect("the whole tops subtree is a branch");
+    for (segments, outputs) in [
+        // part of the subtree
+        (&["tops", "tops.light"][..], &["tops.light"][..]),
+        // not top-level
+        (&["tops.light"][..], &["tops.light"][..]),
+        // another order than the manifest's
+        (
+            &["tops", "tops.warm", "tops.light"][..],
+            &["tops.light", "tops.warm"][..],
+        ),
+        // a scoring segment without its output
+        (
+            &["tops", "tops.light", "tops.warm"][..],
+            &["tops.light"][..],
+        ),
+    ] {
+        let err = with(branch(segments, outputs)).expect_err("refused");
+        assert!(err.to_string().contains("branch \"tops"), "{err}");
+    }
+}

@@ -251,6 +251,85 @@ impl SegmentSession {
     }
 }
 
+/// A top-level segment fused with its whole subtree (manifest `branches`): one run gives
+/// the logits of every segment of the subtree that scores categories.
+pub struct BranchSession {
+    session: Session,
+    spec: spotlight_model::BranchSpec,
+    /// Segment index of each entry of `spec.segments`.
+    segments: Vec<usize>,
+    /// (segment index, output name) of each segment with logits, in manifest order.
+    outputs: Vec<(usize, String)>,
+    input_shape: Vec<i64>,
+}
+
+impl BranchSession {
+    /// Opens branch `branch` (index into the manifest's `branches`).
+    pub fn open(model: &Model, branch: usize, threads: usize) -> Result<Self, OnnxRuntimeError> {
+        let spec = model.manifest().branches[branch].clone();
+        let index = |id: &str| {
+            model
+                .segment_index(id)
+                .ok_or_else(|| OnnxRuntimeError::Load {
+                    path: model.path_of(&spec.file),
+                    message: format!("branch {} names unknown segment {id}", spec.id),
+                })
+        };
+        let segments = spec
+            .segments
+            .iter()
+            .map(|id| index(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut outputs = Vec::new();
+        for &s in &segments {
+            if let Some(name) = spec.logits_outputs.get(&model.segments()[s].id) {
+                outputs.push((s, name.clone()));
+            }
+        }
+        Ok(Self {
+            session: open(&model.path_of(&spec.file), threads)?,
+            input_shape: model.segments()[segments[0]].input.shape.clone(),
+            spec,
+            segments,
+            outputs,
+        })
+    }
+
+    /// Segment indices the branch covers, top-level first (manifest order).
+    pub fn segments(&self) -> &[usize] {
+        &self.segments
+    }
+
+    /// Runs a batch: `input` holds `n` rows of backbone features, `gains` `n` rows of one
+    /// gain per segment (in [`BranchSession::segments`] order). Returns (segment index, `[n,
+    /// k]` logits) for each segment with direct categories.
+    pub fn run(
+        &mut self,
+        input: Vec<f32>,
+        gains: Vec<f32>,
+        n: usize,
+    ) -> Result<Vec<(usize, Vec<f32>)>, OnnxRuntimeError> {
+        let mut shape = self.input_shape.clone();
+        shape[0] = n as i64;
+        let err = run_err(&self.spec.id);
+        let x = Tensor::from_array((shape, input)).map_err(&err)?;
+        let g = Tensor::from_array(([n, self.segments.len()], gains)).map_err(&err)?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.spec.input.as_str() => x, self.spec.gains_input.as_str() => g])
+            .map_err(&err)?;
+        self.outputs
+            .iter()
+            .map(|(s, name)| {
+                let (_, data) = outputs[name.as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(&err)?;
+                Ok((*s, data.to_vec()))
+            })
+            .collect()
+    }
+}
+
 /// The monolithic graph (`full.onnx`): images and per-segment gains in, all logits out.
 pub struct FullSession {
     session: Session,

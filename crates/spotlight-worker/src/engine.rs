@@ -18,7 +18,7 @@ use prost::Message;
 use spotlight_codec::{Codec, CodecError, Compression};
 use spotlight_model::Model;
 use spotlight_proto::v1 as pb;
-use spotlight_runtime::{OnnxRuntimeError, SegmentSession};
+use spotlight_runtime::{BranchSession, OnnxRuntimeError, SegmentSession};
 
 use crate::metrics::EngineMetrics;
 
@@ -237,6 +237,7 @@ pub struct Engine {
     hosted: Vec<bool>,
     counters: Arc<Vec<Counters>>,
     requests: Arc<AtomicU64>,
+    fused_runs: Arc<AtomicU64>,
     rejected: AtomicU64,
     queue: Arc<Queue>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -269,14 +270,24 @@ impl Engine {
         let sessions = tokio::task::spawn_blocking(move || {
             (0..batch.threads)
                 .map(|_| {
-                    h.iter()
+                    let segments = h
+                        .iter()
                         .enumerate()
                         .map(|(s, &hosted)| {
                             hosted
                                 .then(|| SegmentSession::open(&m, s, batch.intra_threads))
                                 .transpose()
                         })
-                        .collect::<Result<Vec<_>, _>>()
+                        .collect::<Result<Vec<_>, _>>()?;
+                    // The fused graph of each hosted top-level branch the package has one of.
+                    let branches = (0..m.manifest().branches.len())
+                        .filter(|&b| {
+                            m.segment_index(&m.manifest().branches[b].id)
+                                .is_some_and(|s| h[s])
+                        })
+                        .map(|b| BranchSession::open(&m, b, batch.intra_threads))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok::<_, OnnxRuntimeError>((segments, branches))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -294,12 +305,15 @@ impl Engine {
         let counters: Arc<Vec<Counters>> =
             Arc::new((0..hosted.len()).map(|_| Counters::default()).collect());
         let requests = Arc::new(AtomicU64::new(0));
+        let fused_runs = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
-        for (i, sessions) in sessions.into_iter().enumerate() {
+        for (i, (sessions, branches)) in sessions.into_iter().enumerate() {
             let mut batcher = Batcher {
                 model: model.clone(),
                 max_batch: batch.max_batch,
                 sessions,
+                branches,
+                fused_runs: fused_runs.clone(),
                 counters: counters.clone(),
                 requests: requests.clone(),
                 metrics: engine_metrics.clone(),
@@ -323,9 +337,16 @@ impl Engine {
             counters,
             requests,
             rejected: AtomicU64::new(0),
+            fused_runs,
             queue,
             threads: Mutex::new(threads),
         })
+    }
+
+    /// ONNX Runtime runs of fused branch graphs (manifest `branches`) so far: a batch whose
+    /// frames all ask for a whole hosted branch runs it as one graph.
+    pub fn fused_runs(&self) -> u64 {
+        self.fused_runs.load(Ordering::Relaxed)
     }
 
     /// This worker's series.
@@ -638,6 +659,10 @@ struct Batcher {
     max_batch: usize,
     /// By segment index; `None` where not hosted.
     sessions: Vec<Option<SegmentSession>>,
+    /// Fused graphs of hosted top-level branches (manifest `branches`), used for the rows
+    /// that run a whole branch.
+    branches: Vec<BranchSession>,
+    fused_runs: Arc<AtomicU64>,
     counters: Arc<Vec<Counters>>,
     requests: Arc<AtomicU64>,
     metrics: EngineMetrics,
@@ -694,12 +719,87 @@ impl Batcher {
         let nseg = model.segments().len();
         let mut done: Vec<Option<SegmentRows>> = (0..nseg).map(|_| None).collect();
         let mut failed: Option<String> = None;
+        let gain_of = |j: &Job, s: usize| j.segments.iter().find(|w| w.0 == s).map(|w| w.1);
         for s in 0..nseg {
-            let gains_of_job: Vec<Option<f32>> = jobs
-                .iter()
-                .map(|j| j.segments.iter().find(|w| w.0 == s).map(|w| w.1))
-                .collect();
+            if done[s].is_some() {
+                continue; // run fused with its branch
+            }
+            let gains_of_job: Vec<Option<f32>> = jobs.iter().map(|j| gain_of(j, s)).collect();
             if gains_of_job.iter().all(Option::is_none) || failed.is_some() {
+                continue;
+            }
+            // A top-level branch that every job asking for it asks for whole, with a fused
+            // graph: one run for the whole subtree.
+            if let Some(b) = self.branches.iter().position(|b| b.segments()[0] == s)
+                && jobs.iter().all(|j| {
+                    gain_of(j, s).is_none()
+                        || self.branches[b]
+                            .segments()
+                            .iter()
+                            .all(|&t| gain_of(j, t).is_some())
+                })
+            {
+                let rows: Vec<usize> = (0..owner.len())
+                    .filter(|&r| gains_of_job[owner[r].0].is_some())
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let covered = self.branches[b].segments().to_vec();
+                let gains: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&r| {
+                        let job = &jobs[owner[r].0];
+                        covered.iter().map(move |&t| gain_of(job, t).unwrap_or(1.0))
+                    })
+                    .collect();
+                let x = gather(&input, len, &rows, |r| r);
+                let mut logits: Vec<(usize, Vec<f32>)> = Vec::new();
+                let mut runs = 0u64;
+                for (xs, gs) in x
+                    .chunks(len * self.max_batch)
+                    .zip(gains.chunks(covered.len() * self.max_batch))
+                {
+                    let started = Instant::now();
+                    let ran = self.branches[b].run(xs.to_vec(), gs.to_vec(), xs.len() / len);
+                    if let Some(h) = &self.metrics.segment_seconds[s] {
+                        h.observe(started.elapsed().as_secs_f64());
+                    }
+                    match ran {
+                        Ok(out) if logits.is_empty() => logits = out,
+                        Ok(out) => {
+                            for ((_, all), (_, more)) in logits.iter_mut().zip(out) {
+                                all.extend(more);
+                            }
+                        }
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                    runs += 1;
+                }
+                if failed.is_some() {
+                    continue;
+                }
+                self.fused_runs.fetch_add(runs, Ordering::Relaxed);
+                for &t in &covered {
+                    let c = &self.counters[t];
+                    c.frames.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    c.batches.fetch_add(runs, Ordering::Relaxed);
+                    if let Some(frames) = &self.metrics.segment_frames[t] {
+                        frames.inc_by(rows.len() as u64);
+                    }
+                    done[t] = Some(SegmentRows {
+                        rows: rows.clone(),
+                        logits: logits
+                            .iter()
+                            .find(|(u, _)| *u == t)
+                            .map(|(_, l)| l.clone())
+                            .unwrap_or_default(),
+                        ..SegmentRows::default()
+                    });
+                }
                 continue;
             }
             let rows: Vec<usize> = (0..owner.len())
