@@ -12,6 +12,7 @@ from spotlight_model.package import PackageRunner, UnsupportedSchema, check_pack
 from spotlight_model.tree import parse_tree
 
 SHIPPED = REPO / "models" / "fashion-mnist-nested"
+SHIPPED_V2 = REPO / "models" / "fashion-mnist-nested-v2"
 
 
 def _inputs(runner, small_npz, n=64):
@@ -139,13 +140,13 @@ def test_canonical_json_vectors():
         canonical_json(2 ** 64)
 
 
-@pytest.mark.parametrize("which", ["smoke", "shipped"])
+@pytest.mark.parametrize("which", ["smoke", "shipped", "shipped-v2"])
 def test_manifest_costs_match_the_onnx_graphs(trained, which):
     """check_costs allows graph params in [manifest - conv-bias elements, manifest] (BatchNorm
     folding) and MACs within MACS_RTOL (0.1 %); in fact MACs agree exactly and params differ by
     exactly the folding: a conv bias per BatchNorm channel in the graph for a scale and a shift
     per channel in PyTorch."""
-    pkg = trained["pkg"] if which == "smoke" else SHIPPED
+    pkg = {"smoke": trained["pkg"], "shipped": SHIPPED, "shipped-v2": SHIPPED_V2}[which]
     rows = check_costs(pkg, macs_rtol=MACS_RTOL)
     assert [r["part"] for r in rows][-1] == "full" and len(rows) >= 3
     for r in rows:
@@ -291,3 +292,18 @@ def test_training_is_reproducible():
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fused_branches_match_their_segments(trained):
+    """export writes one fused graph per top-level segment with children, and check_branches
+    (run by export) compares its logits with the segments'; a branch listing part of its
+    subtree is refused."""
+    from spotlight_model.package import check_branches
+    pkg = trained["pkg"]
+    m = json.loads((pkg / "manifest.json").read_text())
+    tops = [s["id"] for s in m["segments"] if s["parent"] is None and s["children"]]
+    assert [b["id"] for b in m["branches"]] == tops and tops
+    check_branches(pkg, m)
+    m["branches"][0]["segments"] = m["branches"][0]["segments"][:1]
+    with pytest.raises(ValueError, match="whole subtree"):
+        check_branches(pkg, m)
