@@ -476,9 +476,15 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
             relative(&opts.markdown, &opts.out.join(&file))
         );
     }
+    // `make bench` runs the default model with every scenario; other runs need their command.
+    let how = if command.contains(" --model ") || command.contains(" --only ") {
+        format!("cargo build --release --bin spotlight && ./target/release/{command}")
+    } else {
+        format!("make bench        # = cargo build --release && {command}")
+    };
     let _ = writeln!(
         md,
-        "## Reproduce\n\n```sh\nmake bench        # = cargo build --release && {command}\n```\n\n\
+        "## Reproduce\n\n```sh\n{how}\n```\n\n\
          `spotlight bench --help` lists the options (`--frames`, `--quick`, `--out`, `--markdown`). \
          Raw figures: `results.json` beside the plots. Criterion micro-benchmarks: \
          `cargo bench -p spotlight-tests --bench codecs` and `--bench router`."

@@ -50,6 +50,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         "spotlight bench --frames {} --latency-frames {}",
         args.frames, args.latency_frames
     );
+    if settings.model != crate::settings::Settings::default().model {
+        command.push_str(&format!(" --model {}", settings.model.display()));
+    }
     if args.quick {
         command.push_str(" --quick");
     }
