@@ -48,6 +48,36 @@ pub fn model() -> Arc<Model> {
         .clone()
 }
 
+/// Copies the package at `src` (its manifest and every file the manifest lists that `keep`
+/// accepts) into `dst`, lets `edit` change the manifest, and writes it with its content
+/// hash recomputed: a valid package that differs from `src` only by the edit.
+pub fn resealed_copy(
+    src: &Path,
+    dst: &Path,
+    keep: impl Fn(&str) -> bool,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    let text = std::fs::read_to_string(src.join("manifest.json")).expect("read manifest");
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest JSON");
+    let files: Vec<String> = manifest["files"]
+        .as_object()
+        .expect("files")
+        .keys()
+        .filter(|f| keep(f))
+        .cloned()
+        .collect();
+    for rel in files {
+        let to = dst.join(&rel);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(src.join(&rel), to).expect("copy");
+    }
+    edit(&mut manifest);
+    manifest["content_hash"] = spotlight_model::content_hash(&manifest.to_string())
+        .expect("hash")
+        .into();
+    std::fs::write(dst.join("manifest.json"), manifest.to_string()).expect("write manifest");
+}
+
 /// Fashion-MNIST test images and labels (`n` first), from the Debian package or
 /// `SPOTLIGHT_FASHION_MNIST_DIR`.
 pub fn test_images(n: usize) -> (Vec<Vec<u8>>, Vec<u8>) {

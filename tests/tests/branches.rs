@@ -19,40 +19,19 @@ fn package() -> std::path::PathBuf {
 /// A copy of the package at `src` without its fused graphs (re-sealed): what a package
 /// without `branches` makes a worker do.
 fn without_branches(src: &std::path::Path, dst: &std::path::Path) -> Model {
-    for entry in walk(src) {
-        let rel = entry.strip_prefix(src).unwrap();
-        if rel.starts_with("branches") {
-            continue;
-        }
-        let to = dst.join(rel);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &to).unwrap();
-    }
-    let text = std::fs::read_to_string(src.join("manifest.json")).unwrap();
-    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
-    m.as_object_mut().unwrap().remove("branches");
-    m["files"]
-        .as_object_mut()
-        .unwrap()
-        .retain(|k, _| !k.starts_with("branches/"));
-    m["content_hash"] = serde_json::Value::String(String::new());
-    let hash = spotlight_model::content_hash(&m.to_string()).unwrap();
-    m["content_hash"] = serde_json::Value::String(hash);
-    std::fs::write(dst.join("manifest.json"), m.to_string()).unwrap();
+    resealed_copy(
+        src,
+        dst,
+        |f| !f.starts_with("branches/"),
+        |m| {
+            m.as_object_mut().unwrap().remove("branches");
+            m["files"]
+                .as_object_mut()
+                .unwrap()
+                .retain(|k, _| !k.starts_with("branches/"));
+        },
+    );
     Model::load(dst).expect("the package without branches loads")
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// Every frame asks for every segment, with its own gains: logits by (frame, segment).

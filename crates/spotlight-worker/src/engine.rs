@@ -681,6 +681,16 @@ struct SegmentRows {
 }
 
 impl Batcher {
+    /// Segment `s` ran for `frames` frames in `runs` ONNX Runtime runs.
+    fn count(&self, s: usize, frames: usize, runs: u64) {
+        let c = &self.counters[s];
+        c.frames.fetch_add(frames as u64, Ordering::Relaxed);
+        c.batches.fetch_add(runs, Ordering::Relaxed);
+        if let Some(f) = &self.metrics.segment_frames[s] {
+            f.inc_by(frames as u64);
+        }
+    }
+
     fn run(&mut self, jobs: Vec<Job>) {
         let model = self.model.clone();
         let len = model.feature_len();
@@ -728,6 +738,12 @@ impl Batcher {
             if gains_of_job.iter().all(Option::is_none) || failed.is_some() {
                 continue;
             }
+            let rows: Vec<usize> = (0..owner.len())
+                .filter(|&r| gains_of_job[owner[r].0].is_some())
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
             // A top-level branch that every job asking for it asks for whole, with a fused
             // graph: one run for the whole subtree.
             if let Some(b) = self.branches.iter().position(|b| b.segments()[0] == s)
@@ -739,12 +755,6 @@ impl Batcher {
                             .all(|&t| gain_of(j, t).is_some())
                 })
             {
-                let rows: Vec<usize> = (0..owner.len())
-                    .filter(|&r| gains_of_job[owner[r].0].is_some())
-                    .collect();
-                if rows.is_empty() {
-                    continue;
-                }
                 let covered = self.branches[b].segments().to_vec();
                 let gains: Vec<f32> = rows
                     .iter()
@@ -784,28 +794,18 @@ impl Batcher {
                 }
                 self.fused_runs.fetch_add(runs, Ordering::Relaxed);
                 for &t in &covered {
-                    let c = &self.counters[t];
-                    c.frames.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                    c.batches.fetch_add(runs, Ordering::Relaxed);
-                    if let Some(frames) = &self.metrics.segment_frames[t] {
-                        frames.inc_by(rows.len() as u64);
-                    }
+                    self.count(t, rows.len(), runs);
+                    let logits = logits
+                        .iter_mut()
+                        .find(|(u, _)| *u == t)
+                        .map(|(_, l)| std::mem::take(l))
+                        .unwrap_or_default();
                     done[t] = Some(SegmentRows {
                         rows: rows.clone(),
-                        logits: logits
-                            .iter()
-                            .find(|(u, _)| *u == t)
-                            .map(|(_, l)| l.clone())
-                            .unwrap_or_default(),
+                        logits,
                         ..SegmentRows::default()
                     });
                 }
-                continue;
-            }
-            let rows: Vec<usize> = (0..owner.len())
-                .filter(|&r| gains_of_job[owner[r].0].is_some())
-                .collect();
-            if rows.is_empty() {
                 continue;
             }
             let gains: Vec<f32> = rows
@@ -858,12 +858,7 @@ impl Batcher {
             if failed.is_some() {
                 continue;
             }
-            let c = &self.counters[s];
-            c.frames.fetch_add(rows.len() as u64, Ordering::Relaxed);
-            c.batches.fetch_add(runs, Ordering::Relaxed);
-            if let Some(frames) = &self.metrics.segment_frames[s] {
-                frames.inc_by(rows.len() as u64);
-            }
+            self.count(s, rows.len(), runs);
             let feature_len = features.len() / rows.len();
             done[s] = Some(SegmentRows {
                 rows,
