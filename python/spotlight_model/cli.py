@@ -41,13 +41,15 @@ def _rel(p: str | None, default: str | None = None) -> Path | None:
 
 def build_nested(tree, cfg: dict, in_channels: int) -> NestedNet:
     return NestedNet(tree, in_channels=in_channels, bottleneck=cfg["bottleneck"],
-                     backbone_widths=tuple(cfg["backbone_widths"]))
+                     backbone_widths=tuple(cfg["backbone_widths"]),
+                     backbone_low_widths=tuple(cfg.get("backbone_low_widths", ())))
 
 
 def build_baseline(num_classes: int, cfg: dict, in_channels: int) -> Baseline:
     return Baseline(num_classes, in_channels=in_channels, bottleneck=cfg["bottleneck"],
                     channels=tuple(cfg["baseline_channels"]),
-                    backbone_widths=tuple(cfg["backbone_widths"]))
+                    backbone_widths=tuple(cfg["backbone_widths"]),
+                    backbone_low_widths=tuple(cfg.get("backbone_low_widths", ())))
 
 
 def cmd_train(args) -> None:
@@ -70,7 +72,10 @@ def cmd_train(args) -> None:
     in_ch = ds.image_shape[0]
     widths = (args.backbone_widths.split(",") if args.backbone_widths
               else tree.source.get("backbone_widths", [32, 64, 64]))
+    low = (args.backbone_low_widths.split(",") if args.backbone_low_widths is not None
+           else tree.source.get("backbone_low_widths", []))
     cfg = {"bottleneck": args.bottleneck, "backbone_widths": [int(w) for w in widths],
+           "backbone_low_widths": [int(w) for w in low if str(w).strip()],
            "baseline_channels": [int(c) for c in args.baseline_channels.split(",")]}
     hp = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
           "weight_decay": args.weight_decay, "label_smoothing": 0.05, "seed": args.seed}
@@ -245,6 +250,10 @@ def main(argv=None) -> None:
         sp.add_argument("--backbone-widths", default=None,
                         help="backbone convolutions, e.g. 16,48 (default: the tree file's "
                              "backbone_widths, else 32,64,64)")
+        sp.add_argument("--backbone-low-widths", default=None,
+                        help="backbone convolutions at the bottleneck's resolution, after the "
+                             "second pool, e.g. 64 (default: the tree file's backbone_low_widths, "
+                             "else none)")
         sp.add_argument("--baseline-channels", default=",".join(map(str, BASELINE_CHANNELS)))
         sp.add_argument("--models", default="nested,baseline", help="which models to train")
         sp.add_argument("--no-parallel", dest="parallel", action="store_false",

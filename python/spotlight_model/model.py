@@ -25,20 +25,28 @@ class Backbone(nn.Module):
     """Edge part: normalised image [N,C,H,W] -> bounded bottleneck [N,B,H/4,W/4] in (-1, 1).
 
     `widths` (w1, w2, ...): conv(w1) at full resolution, 2x2 max-pool, conv(w2) ... at half
-    resolution, 2x2 max-pool, then a 1x1 projection to the bottleneck. (32, 64, 64) is the v1
-    stem; (16, 48) the cheaper v2 stem (about 1.5 M instead of 11 M MACs at 28x28).
+    resolution, 2x2 max-pool, then `low_widths` convs at the bottleneck's resolution (a quarter),
+    then a 1x1 projection to the bottleneck. (32, 64, 64) is the v1 stem; (16, 48) the cheaper
+    v2 stem (about 1.5 M instead of 11 M MACs at 28x28); a conv at the quarter resolution costs
+    a quarter of the same conv at half resolution, so depth is cheapest there.
     """
 
     OUTPUT_RANGE = (-1.0, 1.0)  # the final tanh
 
-    def __init__(self, in_channels: int = 1, widths=(32, 64, 64), bottleneck: int = 8):
+    def __init__(self, in_channels: int = 1, widths=(32, 64, 64), bottleneck: int = 8,
+                 low_widths=()):
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"backbone widths {tuple(widths)}: need at least two convolutions")
         layers: list[nn.Module] = [*conv_bn_relu(in_channels, widths[0]), nn.MaxPool2d(2)]
         for cin, cout in zip(widths[:-1], widths[1:]):
             layers += conv_bn_relu(cin, cout)
-        layers += [nn.MaxPool2d(2), nn.Conv2d(widths[-1], bottleneck, 1, bias=False),
+        layers.append(nn.MaxPool2d(2))
+        cin = widths[-1]
+        for cout in low_widths:
+            layers += conv_bn_relu(cin, cout)
+            cin = cout
+        layers += [nn.Conv2d(cin, bottleneck, 1, bias=False),
                    nn.BatchNorm2d(bottleneck), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.out_channels = bottleneck
@@ -97,10 +105,10 @@ class Segment(nn.Module):
 
 class NestedNet(nn.Module):
     def __init__(self, tree: CategoryTree, in_channels: int = 1, bottleneck: int = 8,
-                 backbone_widths=(32, 64, 64)):
+                 backbone_widths=(32, 64, 64), backbone_low_widths=()):
         super().__init__()
         self.tree = tree
-        self.backbone = Backbone(in_channels, backbone_widths, bottleneck)
+        self.backbone = Backbone(in_channels, backbone_widths, bottleneck, backbone_low_widths)
         self.segment_ids = [s.id for s in tree.segments]
         self.segments = nn.ModuleDict()
         out_ch = {}
@@ -153,9 +161,9 @@ class Baseline(nn.Module):
     """Same backbone + conventional head (conv-BN-ReLU stack, GAP, Linear with bias)."""
 
     def __init__(self, num_classes: int, in_channels: int = 1, bottleneck: int = 8,
-                 channels=BASELINE_CHANNELS, backbone_widths=(32, 64, 64)):
+                 channels=BASELINE_CHANNELS, backbone_widths=(32, 64, 64), backbone_low_widths=()):
         super().__init__()
-        self.backbone = Backbone(in_channels, backbone_widths, bottleneck)
+        self.backbone = Backbone(in_channels, backbone_widths, bottleneck, backbone_low_widths)
         layers: list[nn.Module] = []
         cin = bottleneck
         for c in channels:

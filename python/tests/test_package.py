@@ -243,7 +243,9 @@ def test_idx_roundtrip(tmp_path):
 
 def test_other_tree_and_rgb(tmp_path):
     """Nothing is tied to Fashion-MNIST: a toy tree (deeper nesting, mixed direct categories)
-    on rgb 8x8 input exports to a valid package whose composition equals full.onnx."""
+    on rgb 8x8 input, with a convolution at the bottleneck's resolution (backbone_low_widths),
+    exports to a valid package whose composition equals full.onnx and whose manifest costs
+    match the graphs (check_package)."""
     from spotlight_model.model import NestedNet
     from spotlight_model.package import export_package
     tree = parse_tree({"name": "toy", "categories": ["a", "b", "c", "d", "e"],
@@ -252,7 +254,9 @@ def test_other_tree_and_rgb(tmp_path):
                                {"id": "z", "channels": [4], "children": ["a", "b"]}, "c"]}, "d"]},
                            {"id": "w", "channels": [5], "children": ["e"]}]})
     torch.manual_seed(0)
-    model = NestedNet(tree, in_channels=3, bottleneck=4, backbone_widths=(4, 4, 4)).eval()
+    model = NestedNet(tree, in_channels=3, bottleneck=4, backbone_widths=(4, 4, 4),
+                      backbone_low_widths=(3,)).eval()
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.backbone.modules()) == 5
     export_package(model, tmp_path, name="toy", mean=[0.5] * 3, std=[0.25] * 3, image_shape=(3, 8, 8))
     m = check_package(tmp_path)
     assert [s["id"] for s in m["segments"]] == ["x", "x.y", "x.y.z", "w"]
