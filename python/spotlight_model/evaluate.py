@@ -288,6 +288,20 @@ def render_test_reads(entries: list[dict] | None, name: str) -> list[str]:
     return L
 
 
+def reproduce_args(m: dict) -> str:
+    """The `all` arguments that retrain this package: its tree file and epochs where they are
+    not the defaults (v1's tree, 25 epochs), then the output directory."""
+    from .cli import DEFAULT_TREE
+    t = m.get("training", {})
+    args = []
+    tree = t.get("tree_file")
+    if tree and tree != DEFAULT_TREE:
+        args.append(f"--tree {tree}")
+    if t.get("epochs", 25) != 25:
+        args.append(f"--epochs {t['epochs']}")
+    return " ".join(args + [f"--out models/{m['name']}"])
+
+
 def _pct(v) -> str:
     return f"{100 * v:.2f} %"
 
@@ -447,7 +461,7 @@ def render_card(r: dict, m: dict, tree) -> str:
              f"(fp32: {_pct(b['fp32_accuracy'])}, difference {100 * (b['int8_accuracy'] - b['fp32_accuracy']):+.2f} pt).\n")
 
     L.append("## Reproduce\n")
-    L.append("```\nPYTHONPATH=python .venv/bin/python -m spotlight_model all --out models/" + m["name"] + "\n```\n"
+    L.append("```\nPYTHONPATH=python .venv/bin/python -m spotlight_model all " + reproduce_args(m) + "\n```\n"
              "(from the repository root; see python/README.md). "
              f"ONNX composed (backbone + segments) vs full.onnx max abs logit difference on the test set: "
              f"{nest['composed_vs_full_max_abs_diff']:.2e}.\n")

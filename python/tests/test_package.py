@@ -311,3 +311,16 @@ def test_fused_branches_match_their_segments(trained):
     m["branches"][0]["segments"] = m["branches"][0]["segments"][:1]
     with pytest.raises(ValueError, match="whole subtree"):
         check_branches(pkg, m)
+
+
+def test_card_reproduce_line_names_the_recipe():
+    """The card's Reproduce command retrains the package it describes: v1 needs no options,
+    v2 names its tree file (and epochs where they are not the default)."""
+    from spotlight_model.evaluate import reproduce_args
+    v1 = json.loads((SHIPPED / "manifest.json").read_text())
+    v2 = json.loads((SHIPPED_V2 / "manifest.json").read_text())
+    assert reproduce_args(v1) == "--out models/fashion-mnist-nested"
+    assert reproduce_args(v2).startswith("--tree python/trees/fashion_mnist_v2.json ")
+    assert reproduce_args(v2).endswith(" --out models/fashion-mnist-nested-v2")
+    v2["training"]["epochs"] = 30
+    assert "--epochs 30 " in reproduce_args(v2)
