@@ -22,6 +22,7 @@ DEFAULT_TREE = "python/trees/fashion_mnist.json"
 DEFAULT_WORK = "build/model-work"
 DEFAULT_OUT = "models/fashion-mnist-nested"
 DEFAULT_TEST_READS = "python/test_reads.json"
+DEFAULT_EPOCHS = 25
 
 
 def log(msg: str) -> None:
@@ -239,7 +240,7 @@ def main(argv=None) -> None:
 
     def train_opts(sp):
         sp.add_argument("--tree", default=None, help=f"category tree JSON (default <repo>/{DEFAULT_TREE})")
-        sp.add_argument("--epochs", type=int, default=25)
+        sp.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
         sp.add_argument("--batch-size", type=int, default=128)
         sp.add_argument("--lr", type=float, default=3e-3)
         sp.add_argument("--weight-decay", type=float, default=5e-4)

@@ -290,14 +290,14 @@ def render_test_reads(entries: list[dict] | None, name: str) -> list[str]:
 
 def reproduce_args(m: dict) -> str:
     """The `all` arguments that retrain this package: its tree file and epochs where they are
-    not the defaults (v1's tree, 25 epochs), then the output directory."""
-    from .cli import DEFAULT_TREE
+    not the CLI's defaults (v1's tree and epochs), then the output directory."""
+    from .cli import DEFAULT_EPOCHS, DEFAULT_TREE
     t = m.get("training", {})
     args = []
     tree = t.get("tree_file")
     if tree and tree != DEFAULT_TREE:
         args.append(f"--tree {tree}")
-    if t.get("epochs", 25) != 25:
+    if t.get("epochs", DEFAULT_EPOCHS) != DEFAULT_EPOCHS:
         args.append(f"--epochs {t['epochs']}")
     return " ".join(args + [f"--out models/{m['name']}"])
 
