@@ -23,6 +23,7 @@ DEFAULT_WORK = "build/model-work"
 DEFAULT_OUT = "models/fashion-mnist-nested"
 DEFAULT_TEST_READS = "python/test_reads.json"
 DEFAULT_EPOCHS = 25
+DEFAULT_DISTILL_TEMPERATURE = 4.0
 
 
 def log(msg: str) -> None:
@@ -85,7 +86,15 @@ def cmd_train(args) -> None:
     log(f"data: {ds.source}  train {len(tr_idx)}  val {len(va_idx)}  test {len(ds.test_labels)} "
         f"(test is not touched by train)  mean {mean} std {std}")
     which = [w.strip() for w in args.models.split(",") if w.strip()]
-    if len(which) > 1 and args.parallel and args.threads >= len(which):
+    distill = getattr(args, "distill", 0.0)
+    if distill > 0 and "nested" in which:
+        # the nested model learns from the baseline's logits: the baseline trains first (or is
+        # read from <work>/baseline.pt), so the two cannot train side by side
+        which = sorted(which, key=lambda k: k != "baseline")
+        if "baseline" not in which and not (work / "baseline.pt").is_file():
+            raise SystemExit(f"--distill {distill}: the teacher is the baseline, but {work / 'baseline.pt'} "
+                             "does not exist; train it first (--models baseline) or add it to --models")
+    if len(which) > 1 and args.parallel and args.threads >= len(which) and not distill > 0:
         # One process per model, threads split between them: on 2 shared cores this is much
         # faster than 2 intra-op threads on one model (no straggler waits at every op).
         import multiprocessing as mp
@@ -107,13 +116,28 @@ def cmd_train(args) -> None:
         seed_all(args.seed)
         model = build_nested(tree, cfg, in_ch) if kind == "nested" else build_baseline(n_cls, cfg, in_ch)
         log(f"{kind}: {count_params(model)} params")
+        hp_kind, teach = dict(hp), {}
+        if kind == "nested" and distill > 0:
+            teacher, tck = load_checkpoint(work, "baseline")
+            same = (tck["mean"] == mean and tck["std"] == std and tck["train_size"] == len(tr_idx)
+                    and tck["hparams"]["seed"] == args.seed)
+            if not same:
+                raise SystemExit(f"--distill: {work / 'baseline.pt'} was trained on another split or "
+                                 "normalisation (seed, --limit or --val-size differ); retrain it with these flags")
+            hp_kind.update(distill=distill, distill_temperature=args.distill_temperature,
+                           teacher=f"baseline (val_acc {tck['val_acc']:.4f})")
+            teach = {"teacher": teacher, "distill": distill,
+                     "distill_temperature": args.distill_temperature}
+            log(f"nested: distilling from the baseline (share {distill}, temperature "
+                f"{args.distill_temperature}, teacher val_acc {tck['val_acc']:.4f})")
         t0 = time.time()
-        state, hist = fit(model, x_tr, y_tr, x_va, y_va, mean=mean, std=std, desc=kind, log=log, **hp)
+        state, hist = fit(model, x_tr, y_tr, x_va, y_va, mean=mean, std=std, desc=kind, log=log,
+                          **hp, **teach)
         secs = time.time() - t0
         best = max(hist, key=lambda r: (r.get("val_acc", r["train_acc"]), r["epoch"]))
         log(f"{kind}: trained in {secs:.0f} s; selected epoch {best['epoch']} "
             f"(val_acc {best.get('val_acc', float('nan')):.4f})")
-        ckpt = {"kind": kind, "state_dict": state, "config": cfg, "hparams": hp, "history": hist,
+        ckpt = {"kind": kind, "state_dict": state, "config": cfg, "hparams": hp_kind, "history": hist,
                 "train_seconds": round(secs, 1), "mean": mean, "std": std,
                 "image_shape": list(ds.image_shape), "tree": tree.source,
                 "tree_file": _display_path(tree_path), "dataset": ds.source,
@@ -257,6 +281,12 @@ def main(argv=None) -> None:
                              "else none)")
         sp.add_argument("--baseline-channels", default=",".join(map(str, BASELINE_CHANNELS)))
         sp.add_argument("--models", default="nested,baseline", help="which models to train")
+        sp.add_argument("--distill", type=float, default=0.0,
+                        help="share of the nested model's loss taken from the baseline's logits "
+                             "(knowledge distillation, 0-1; default 0 = off). The baseline then "
+                             "trains first and the nested model after it")
+        sp.add_argument("--distill-temperature", type=float, default=DEFAULT_DISTILL_TEMPERATURE,
+                        help="softmax temperature of the distillation term")
         sp.add_argument("--no-parallel", dest="parallel", action="store_false",
                         help="train the models one after the other (default: in parallel processes)")
 

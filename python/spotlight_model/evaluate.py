@@ -289,9 +289,10 @@ def render_test_reads(entries: list[dict] | None, name: str) -> list[str]:
 
 
 def reproduce_args(m: dict) -> str:
-    """The `all` arguments that retrain this package: its tree file and epochs where they are
-    not the CLI's defaults (v1's tree and epochs), then the output directory."""
-    from .cli import DEFAULT_EPOCHS, DEFAULT_TREE
+    """The `all` arguments that retrain this package: its tree file, epochs and distillation
+    where they are not the CLI's defaults (v1's tree and epochs, no distillation), then the
+    output directory."""
+    from .cli import DEFAULT_DISTILL_TEMPERATURE, DEFAULT_EPOCHS, DEFAULT_TREE
     t = m.get("training", {})
     args = []
     tree = t.get("tree_file")
@@ -299,6 +300,10 @@ def reproduce_args(m: dict) -> str:
         args.append(f"--tree {tree}")
     if t.get("epochs", DEFAULT_EPOCHS) != DEFAULT_EPOCHS:
         args.append(f"--epochs {t['epochs']}")
+    if t.get("distill", 0) > 0:
+        args.append(f"--distill {t['distill']}")
+        if t.get("distill_temperature", DEFAULT_DISTILL_TEMPERATURE) != DEFAULT_DISTILL_TEMPERATURE:
+            args.append(f"--distill-temperature {t['distill_temperature']}")
     return " ".join(args + [f"--out models/{m['name']}"])
 
 

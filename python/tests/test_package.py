@@ -322,5 +322,38 @@ def test_card_reproduce_line_names_the_recipe():
     assert reproduce_args(v1) == "--out models/fashion-mnist-nested"
     assert reproduce_args(v2) == ("--tree python/trees/fashion_mnist_v2.json --epochs 30 "
                                   "--out models/fashion-mnist-nested-v2")
+    v2["training"].update(distill=0.5, distill_temperature=4.0)
+    assert reproduce_args(v2) == ("--tree python/trees/fashion_mnist_v2.json --epochs 30 --distill 0.5 "
+                                  "--out models/fashion-mnist-nested-v2")
+    v2["training"]["distill_temperature"] = 2.0
+    assert reproduce_args(v2).endswith("--distill 0.5 --distill-temperature 2.0 --out models/fashion-mnist-nested-v2")
+    del v2["training"]["distill"], v2["training"]["distill_temperature"]
     v2["training"]["epochs"] = 25
     assert reproduce_args(v2) == "--tree python/trees/fashion_mnist_v2.json --out models/fashion-mnist-nested-v2"
+
+
+def test_distillation_learns_from_the_baseline(tmp_path, trained):
+    """--distill trains the nested model against the baseline's logits: the checkpoint (and so
+    the manifest) records the teacher, the weights differ from the same run without the term
+    (it acts), a share outside [0, 1] is refused, and without a baseline checkpoint the flag
+    is refused naming the file it looked for."""
+    import shutil
+    from spotlight_model.cli import main
+    common = ["--data", str(trained["data"]), "--epochs", "1", "--limit", "512", "--val-size", "128",
+              "--models", "nested"]
+    plain, kd = tmp_path / "plain", tmp_path / "kd"
+    for w in (plain, kd):
+        w.mkdir()
+        shutil.copy(trained["work"] / "baseline.pt", w / "baseline.pt")
+    main(["train", *common, "--work", str(plain)])
+    main(["train", *common, "--work", str(kd), "--distill", "0.7"])
+    a = torch.load(plain / "nested.pt", map_location="cpu", weights_only=False)
+    b = torch.load(kd / "nested.pt", map_location="cpu", weights_only=False)
+    assert "distill" not in a["hparams"]
+    assert b["hparams"]["distill"] == 0.7 and b["hparams"]["distill_temperature"] == 4.0
+    assert b["hparams"]["teacher"].startswith("baseline (val_acc ")
+    assert not all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    with pytest.raises(ValueError, match="must be in"):
+        main(["train", *common, "--work", str(kd), "--distill", "1.5"])
+    with pytest.raises(SystemExit, match="baseline.pt"):
+        main(["train", *common, "--work", str(tmp_path / "none"), "--distill", "0.5"])
