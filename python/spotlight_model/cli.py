@@ -14,7 +14,7 @@ import torch
 from . import __version__
 from .data import ENV_DIR, channel_stats, load_dataset, split_train_val, to_nchw_float
 from .model import BASELINE_CHANNELS, Baseline, NestedNet, baseline_costs, count_params
-from .train import accuracy, fit, seed_all
+from .train import DISTILL_TEMPERATURE as DEFAULT_DISTILL_TEMPERATURE, accuracy, fit, seed_all
 from .tree import load_tree, parse_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,6 @@ DEFAULT_WORK = "build/model-work"
 DEFAULT_OUT = "models/fashion-mnist-nested"
 DEFAULT_TEST_READS = "python/test_reads.json"
 DEFAULT_EPOCHS = 25
-DEFAULT_DISTILL_TEMPERATURE = 4.0
 
 
 def log(msg: str) -> None:
@@ -86,7 +85,12 @@ def cmd_train(args) -> None:
     log(f"data: {ds.source}  train {len(tr_idx)}  val {len(va_idx)}  test {len(ds.test_labels)} "
         f"(test is not touched by train)  mean {mean} std {std}")
     which = [w.strip() for w in args.models.split(",") if w.strip()]
-    distill = getattr(args, "distill", 0.0)
+    distill = args.distill
+    # refused before anything trains: with --distill the baseline trains first, for an hour
+    if not 0.0 <= distill <= 1.0:
+        raise SystemExit(f"--distill {distill}: the teacher's share of the loss must be in [0, 1]")
+    if distill > 0 and not args.distill_temperature > 0:
+        raise SystemExit(f"--distill-temperature {args.distill_temperature}: must be > 0")
     if distill > 0 and "nested" in which:
         # the nested model learns from the baseline's logits: the baseline trains first (or is
         # read from <work>/baseline.pt), so the two cannot train side by side

@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+DISTILL_TEMPERATURE = 4.0  # Hinton et al.'s usual choice; --distill-temperature's default
+
 
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
@@ -56,7 +58,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
         x_val: torch.Tensor | None, y_val: torch.Tensor | None, *, mean, std,
         epochs: int, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 5e-4,
         label_smoothing: float = 0.05, seed: int = 0, desc: str = "train", log=print,
-        teacher: nn.Module | None = None, distill: float = 0.0, distill_temperature: float = 4.0):
+        teacher: nn.Module | None = None, distill: float = 0.0, distill_temperature: float = DISTILL_TEMPERATURE):
     """AdamW + one-cycle; returns (best_state_dict, history). Best = highest val accuracy.
 
     With a `teacher` and `distill` = a in (0, 1], the loss is (1 - a) * cross-entropy + a * T^2 *

@@ -353,7 +353,9 @@ def test_distillation_learns_from_the_baseline(tmp_path, trained):
     assert b["hparams"]["distill"] == 0.7 and b["hparams"]["distill_temperature"] == 4.0
     assert b["hparams"]["teacher"].startswith("baseline (val_acc ")
     assert not all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    with pytest.raises(ValueError, match="must be in"):
+    with pytest.raises(SystemExit, match="must be in"):
         main(["train", *common, "--work", str(kd), "--distill", "1.5"])
+    with pytest.raises(SystemExit, match="must be > 0"):
+        main(["train", *common, "--work", str(kd), "--distill", "0.5", "--distill-temperature", "0"])
     with pytest.raises(SystemExit, match="baseline.pt"):
         main(["train", *common, "--work", str(tmp_path / "none"), "--distill", "0.5"])
