@@ -1,4 +1,4 @@
-"""Command line: python -m spotlight_model {train,export,evaluate,all,remanifest,attention}."""
+"""Command line: python -m spotlight_model {train,export,evaluate,all,remanifest,attention,ledger}."""
 
 from __future__ import annotations
 
@@ -214,6 +214,23 @@ def cmd_evaluate(args) -> None:
              results_path=_rel(args.results), log=log, test_reads=_rel(args.test_reads, DEFAULT_TEST_READS))
 
 
+def cmd_ledger(args) -> None:
+    """Rewrite the card's test-set section from the ledger (after an entry was added by hand):
+    reads neither the test split nor the checkpoints."""
+    from .evaluate import read_test_reads, splice_test_reads
+    from .package import check_package
+    pkg = _rel(args.out, DEFAULT_OUT)
+    manifest = check_package(pkg)
+    ledger = _rel(args.test_reads, DEFAULT_TEST_READS)
+    entries = read_test_reads(ledger, manifest["name"])
+    if entries is None:
+        raise SystemExit(f"ledger {ledger} does not exist")
+    card = pkg / "model_card.md"
+    card.write_text(splice_test_reads(card.read_text(encoding="utf-8"), entries, manifest["name"]),
+                    encoding="utf-8")
+    log(f"{card}: test-set section rewritten from {len(entries)} ledger entries for {manifest['name']}")
+
+
 def cmd_attention(args) -> None:
     """Attention with its controls on the test split, written into the existing model card
     (its attention and test-set sections only): needs the package, not the training checkpoints."""
@@ -315,6 +332,11 @@ def main(argv=None) -> None:
                         "spotlight.model/v1 one), keeping its ONNX files byte for byte")
     sp.add_argument("--out", default=None, help=f"package dir (default <repo>/{DEFAULT_OUT})")
     sp.set_defaults(fn=cmd_remanifest)
+    sp = sub.add_parser("ledger", help="rewrite the card's test-set section from python/test_reads.json "
+                        "(after adding an entry by hand; the test split is not read)")
+    sp.add_argument("--out", default=None, help=f"package dir (default <repo>/{DEFAULT_OUT})")
+    sp.add_argument("--test-reads", default=None, help=f"the ledger (default <repo>/{DEFAULT_TEST_READS})")
+    sp.set_defaults(fn=cmd_ledger)
     sp = sub.add_parser("all", help="train + export + evaluate")
     common(sp); train_opts(sp); export_opts(sp); eval_opts(sp); sp.set_defaults(fn=cmd_all)
     args = p.parse_args(argv)

@@ -259,6 +259,19 @@ def splice_card(card: str, r: dict, m: dict) -> str:
                        "*Test-set discipline* below). ")
 
 
+def splice_test_reads(card: str, entries: list[dict] | None, name: str) -> str:
+    """The card with only its test-set section replaced by one rendered from `entries` (the
+    ledger's entries for package `name`): what a new ledger entry changes, without reading the
+    test split again."""
+    lines = card.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Test-set discipline")), None)
+    if start is None:
+        raise ValueError("the model card has no '## Test-set discipline' section to replace")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new = "\n".join(render_test_reads(entries, name)).split("\n")
+    return "\n".join(lines[:start] + new + lines[end:])
+
+
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
@@ -290,9 +303,9 @@ def render_test_reads(entries: list[dict] | None, name: str) -> list[str]:
 
 def reproduce_args(m: dict) -> str:
     """The `all` arguments that retrain this package: its tree file, epochs and distillation
-    where they are not the CLI's defaults (v1's tree and epochs, no distillation), then the
-    output directory."""
-    from .cli import DEFAULT_DISTILL_TEMPERATURE, DEFAULT_EPOCHS, DEFAULT_TREE
+    where they are not the CLI's defaults (v1's tree and epochs, no distillation), a work
+    directory of its own for any package but the default one, then the output directory."""
+    from .cli import DEFAULT_DISTILL_TEMPERATURE, DEFAULT_EPOCHS, DEFAULT_OUT, DEFAULT_TREE
     t = m.get("training", {})
     args = []
     tree = t.get("tree_file")
@@ -304,6 +317,9 @@ def reproduce_args(m: dict) -> str:
         args.append(f"--distill {t['distill']}")
         if t.get("distill_temperature", DEFAULT_DISTILL_TEMPERATURE) != DEFAULT_DISTILL_TEMPERATURE:
             args.append(f"--distill-temperature {t['distill_temperature']}")
+    if m["name"] != Path(DEFAULT_OUT).name:
+        # Another package's checkpoints go beside, not over, the default package's.
+        args.append(f"--work build/model-work-{m['name']}")
     return " ".join(args + [f"--out models/{m['name']}"])
 
 

@@ -319,17 +319,51 @@ def test_card_reproduce_line_names_the_recipe():
     from spotlight_model.evaluate import reproduce_args
     v1 = json.loads((SHIPPED / "manifest.json").read_text())
     v2 = json.loads((SHIPPED_V2 / "manifest.json").read_text())
+    work = "--work build/model-work-fashion-mnist-nested-v2"
     assert reproduce_args(v1) == "--out models/fashion-mnist-nested"
+    v2["training"].pop("distill", None)
+    v2["training"].pop("distill_temperature", None)
     assert reproduce_args(v2) == ("--tree python/trees/fashion_mnist_v2.json --epochs 30 "
-                                  "--out models/fashion-mnist-nested-v2")
+                                  f"{work} --out models/fashion-mnist-nested-v2")
     v2["training"].update(distill=0.5, distill_temperature=4.0)
     assert reproduce_args(v2) == ("--tree python/trees/fashion_mnist_v2.json --epochs 30 --distill 0.5 "
-                                  "--out models/fashion-mnist-nested-v2")
+                                  f"{work} --out models/fashion-mnist-nested-v2")
     v2["training"]["distill_temperature"] = 2.0
-    assert reproduce_args(v2).endswith("--distill 0.5 --distill-temperature 2.0 --out models/fashion-mnist-nested-v2")
+    assert reproduce_args(v2).endswith(f"--distill 0.5 --distill-temperature 2.0 {work} "
+                                       "--out models/fashion-mnist-nested-v2")
     del v2["training"]["distill"], v2["training"]["distill_temperature"]
     v2["training"]["epochs"] = 25
-    assert reproduce_args(v2) == "--tree python/trees/fashion_mnist_v2.json --out models/fashion-mnist-nested-v2"
+    assert reproduce_args(v2) == f"--tree python/trees/fashion_mnist_v2.json {work} --out models/fashion-mnist-nested-v2"
+
+
+def test_ledger_rewrites_only_the_cards_test_set_section(tmp_path, trained):
+    """`ledger` re-renders the card's test-set section from python/test_reads.json after an
+    entry is added by hand, leaving the rest of the card (and the package) as it was."""
+    import shutil
+    from spotlight_model.cli import main
+    from spotlight_model.evaluate import splice_test_reads
+    pkg = tmp_path / "pkg"
+    shutil.copytree(trained["pkg"], pkg)
+    name = json.loads((pkg / "manifest.json").read_text())["name"]
+    before = (pkg / "model_card.md").read_text()
+    entry = {"kind": "recipe", "what": "a recipe written for this test", "commit": "abc1234",
+             "nested": 0.9351, "baseline": 0.9402, "shipped": "yes", "note": "a note for this test"}
+    ledger = tmp_path / "test_reads.json"
+    ledger.write_text(json.dumps({"packages": {name: [entry]}}))
+    main(["ledger", "--out", str(pkg), "--test-reads", str(ledger)])
+    after = (pkg / "model_card.md").read_text()
+    assert "| 1 | a recipe written for this test | abc1234 | 93.51 % | 94.02 % | yes |" in after
+    assert "**1 training recipes**" in after and "a note for this test" in after
+    head = before.split("## Test-set discipline")[0]
+    assert after.startswith(head)
+    # every other section is kept as it was, in its place
+    others = [sec for sec in before.split("\n## ") if not sec.startswith("Test-set discipline")]
+    assert [sec for sec in after.split("\n## ") if not sec.startswith("Test-set discipline")] == others
+    check_package(pkg)
+    with pytest.raises(ValueError, match="Test-set discipline"):
+        splice_test_reads("# card\n\n## Reproduce\n", [entry], name)
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["ledger", "--out", str(pkg), "--test-reads", str(tmp_path / "missing.json")])
 
 
 def test_distillation_learns_from_the_baseline(tmp_path, trained):
