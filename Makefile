@@ -87,7 +87,7 @@ model: dataset venv
 # The v2 recipe (cheaper stem, every group nested; shipped beside the default, see its card).
 model-v2: dataset venv
 	PYTHONPATH=python $(VENV)/bin/python -m spotlight_model all --tree python/trees/fashion_mnist_v2.json \
-		--epochs 30 --work build/model-work-fashion-mnist-nested-v2 --out models/fashion-mnist-nested-v2
+		--epochs 30 --distill 0.5 --work build/model-work-fashion-mnist-nested-v2 --out models/fashion-mnist-nested-v2
 
 lint: protoc
 	$(CARGO) fmt --all -- --check

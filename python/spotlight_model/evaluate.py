@@ -423,17 +423,25 @@ def render_card(r: dict, m: dict, tree) -> str:
         d = 100 * (nest["accuracy"] - base["accuracy"])
         L.append(f"Nested minus baseline: {d:+.2f} points. MACs are per image, conv/linear layers only.\n")
     tr = m.get("training", {})
-    L.append(f"Training (both models identical recipe): {nest.get('epochs')} epochs, AdamW + one-cycle LR "
+    distill = tr.get("distill") or 0
+    L.append(f"Training ({'the same recipe for both models, except the distillation below' if distill > 0 else 'both models identical recipe'}): "
+             f"{nest.get('epochs')} epochs, AdamW + one-cycle LR "
              f"(max lr {tr.get('lr')}, weight decay {tr.get('weight_decay')}), batch {tr.get('batch_size')}, "
              f"label smoothing {tr.get('label_smoothing')}, random shift (pad 2 + crop) and horizontal flip, "
              f"seed {tr.get('seed')}; {tr.get('train_size')} training / {tr.get('val_size')} validation images. "
              f"Selected epoch (by validation accuracy): nested {nest.get('selected_epoch')} "
              f"(val {_pct(nest['val_acc']) if nest.get('val_acc') is not None else '-'})"
              + (f", baseline {base.get('selected_epoch')} (val {_pct(base['val_acc'])})" if base and base.get('val_acc') is not None else "")
+             + (f". The nested model also learned from the baseline's logits (knowledge distillation, "
+                f"`--distill {distill}`): loss = (1 - {distill}) * cross-entropy + {distill} * T^2 * "
+                f"KL(baseline || nested) at temperature T = {tr.get('distill_temperature')}; teacher: "
+                f"{tr.get('teacher', 'the baseline')}, trained before it" if distill > 0 else "")
              + f". Training wall time on the machine that ran this evaluation ({os.cpu_count()} CPU cores; "
-             "by default `all` and `train` run the two models concurrently, one process and one "
-             "intra-op thread each): nested "
-             f"{nest.get('train_seconds')} s" + (f", baseline {base.get('train_seconds')} s" if base else "") + ".\n")
+             + ("with distillation the baseline trains first and the nested model after it"
+                if distill > 0 else
+                "by default `all` and `train` run the two models concurrently, one process and one "
+                "intra-op thread each")
+             + f"): nested {nest.get('train_seconds')} s" + (f", baseline {base.get('train_seconds')} s" if base else "") + ".\n")
 
     L.append("## Cutout: tasks that need only part of the tree\n")
     L.append("Accuracy on the test images of the task's categories, predicting among those categories only "
