@@ -251,7 +251,7 @@ case "$uid" in "0 "* | *" 0") fail "the image runs as root" ;; esac
 # The baked-in model and the same package mounted from outside have the same hash.
 baked=$(pod run --rm --network none --pull never "$IMAGE" inspect | head -n 1)
 mounted=$(pod run --rm --network none --pull never \
-    -v "$ROOT/models/fashion-mnist-nested:/models/mounted:ro" \
+    -v "$ROOT/models/fashion-mnist-nested-v2:/models/mounted:ro" \
     "$IMAGE" inspect --model /models/mounted | head -n 1)
 echo "   baked:   $baked"
 echo "   mounted: $mounted"

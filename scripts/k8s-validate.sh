@@ -129,7 +129,7 @@ done
 step "manifest checks (deploy/k8s/check.py)"
 if [ ${#rendered[@]} -gt 0 ]; then
   "$VENV/bin/python" deploy/k8s/check.py \
-    --model-manifest models/fashion-mnist-nested/manifest.json \
+    --model-manifest models/fashion-mnist-nested-v2/manifest.json \
     --configs deploy/k8s/base/config --secrets "$secrets" "${rendered[@]}" || fail=1
 fi
 

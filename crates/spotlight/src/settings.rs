@@ -32,7 +32,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            model: PathBuf::from("models/fashion-mnist-nested"),
+            model: PathBuf::from("models/fashion-mnist-nested-v2"),
             onnxruntime: None,
             log: LogSettings::default(),
             security: SecurityConfig::default(),
