@@ -27,6 +27,10 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 
 use support::{Coordinator, coordinator, http_get, repo, scrape, sum, try_get, value};
 
+/// The binary's default `model` (crates/spotlight/src/settings.rs): the roles these tests
+/// start are given no `--model`, so the edge side must encode with the same package.
+const DEFAULT_MODEL: &str = "models/fashion-mnist-nested-v2";
+
 const UNAVAILABLE: i32 = tonic::Code::Unavailable as i32;
 const DEADLINE_EXCEEDED: i32 = tonic::Code::DeadlineExceeded as i32;
 
@@ -36,7 +40,7 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
-/// The shipped model, and feature tensors of the first 256 test images from the edge's
+/// The model the roles load by default, and feature tensors of the first 256 test images from the edge's
 /// own backbone (int8, as the edge sends them).
 fn model_and_features() -> (Arc<Model>, Arc<Vec<pb::FeatureTensor>>) {
     static CACHE: OnceLock<(Arc<Model>, Arc<Vec<pb::FeatureTensor>>)> = OnceLock::new();
@@ -46,7 +50,7 @@ fn model_and_features() -> (Arc<Model>, Arc<Vec<pb::FeatureTensor>>) {
                 &repo().join("build/onnxruntime/libonnxruntime.so"),
             ))
             .expect("ONNX Runtime (run `make onnxruntime`)");
-            let model = Arc::new(Model::load(repo().join("models/fashion-mnist-nested")).unwrap());
+            let model = Arc::new(Model::load(repo().join(DEFAULT_MODEL)).unwrap());
             let images = spotlight_edge::idx::read_images(Path::new(
                 "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
             ))
