@@ -245,15 +245,8 @@ def render_attention_and_test_reads(r: dict, m: dict) -> list[str]:
 
 def splice_card(card: str, r: dict, m: dict) -> str:
     """The card with its attention and test-set sections replaced by those of r (the rest kept)."""
-    lines = card.split("\n")
-    own = ("## Top-down attention", "## Test-set discipline")
-    start = next((i for i, line in enumerate(lines) if line.startswith(own)), None)
-    if start is None:
-        raise ValueError("the model card has no '## Top-down attention' section to replace")
-    end = next((i for i in range(start + 1, len(lines))
-                if lines[i].startswith("## ") and not lines[i].startswith(own)), len(lines))
-    new = "\n".join(render_attention_and_test_reads(r, m)).split("\n")
-    out = "\n".join(lines[:start] + new + lines[end:])
+    out = _replace_sections(card, ("## Top-down attention", "## Test-set discipline"),
+                            render_attention_and_test_reads(r, m))
     return out.replace(", which is used only here. ",
                        ", which only `evaluate` reads (how often, and for which recipes: "
                        "*Test-set discipline* below). ")
@@ -263,13 +256,19 @@ def splice_test_reads(card: str, entries: list[dict] | None, name: str) -> str:
     """The card with only its test-set section replaced by one rendered from `entries` (the
     ledger's entries for package `name`): what a new ledger entry changes, without reading the
     test split again."""
+    return _replace_sections(card, ("## Test-set discipline",), render_test_reads(entries, name))
+
+
+def _replace_sections(card: str, own: tuple[str, ...], new: list[str]) -> str:
+    """`card` with the run of `## ` sections whose headings start with one of `own` (from the
+    first of them to the next other `## ` heading) replaced by the lines `new`."""
     lines = card.split("\n")
-    start = next((i for i, line in enumerate(lines) if line.startswith("## Test-set discipline")), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(own)), None)
     if start is None:
-        raise ValueError("the model card has no '## Test-set discipline' section to replace")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = "\n".join(render_test_reads(entries, name)).split("\n")
-    return "\n".join(lines[:start] + new + lines[end:])
+        raise ValueError(f"the model card has no '{own[0]}' section to replace")
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("## ") and not lines[i].startswith(own)), len(lines))
+    return "\n".join(lines[:start] + "\n".join(new).split("\n") + lines[end:])
 
 
 def _n(count: int, noun: str) -> str:
