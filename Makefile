@@ -62,11 +62,13 @@ etcd: /usr/bin/etcd
 /usr/bin/etcd:
 	$(APT_INSTALL) etcd-server
 
-# Python for the model-authoring code and its tests (torch is large: ~3 GB, a few minutes).
+# Python for the model-authoring code and its tests (torch from PyPI brings CUDA packages:
+# ~2.8 GB download, 5.5 GB installed, a few minutes). No pip cache: it would keep a second
+# 2.8 GB copy of the wheels on disk.
 venv: $(VENV)/.installed
 $(VENV)/.installed: python/requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -r python/requirements.txt
+	$(VENV)/bin/pip install --quiet --no-cache-dir -r python/requirements.txt
 	touch $@
 
 # Every benchmark scenario side by side in one run; rewrites docs/benchmarks.md and its plots.

@@ -46,13 +46,11 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/deploy/containers.conf}
 export ORT_DISABLE_TELEMETRY=1 DEBIAN_FRONTEND=noninteractive
 
 START=$SECONDS
-trap 'echo "FAIL image: line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 PHASE_START=$SECONDS
 trap 'echo "FAIL image: line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 step() {
     echo "== image: $* (at ${SECONDS}s)"
     PHASE_START=$SECONDS
-trap 'echo "FAIL image: line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 }
 done_step() { echo "   ($((SECONDS - PHASE_START)) s)"; }
 skip() {
