@@ -142,10 +142,19 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 continue;
             }
             let (lo, mid, hi) = spread(&ratios);
+            // The compute floor is measured at batch 64, so it is shown against that peer.
+            let floor = r
+                .stages
+                .floor
+                .iter()
+                .find(|(name, ..)| *name == task)
+                .filter(|_| batch == "64")
+                .map(|(_, f, _)| format!("; compute alone {f:.3}"))
+                .unwrap_or_default();
             t.push(Target {
                 id: "P3".into(),
                 what: format!(
-                    "cloud CPU/frame, {task} (cloud MACs {:.3} of the model), ÷ peer batch {batch} CPU/frame; median of {} alternating rounds (range {lo:.3}–{hi:.3})",
+                    "cloud CPU/frame, {task} (cloud MACs {:.3} of the model), ÷ peer batch {batch} CPU/frame; median of {} alternating rounds (range {lo:.3}–{hi:.3}){floor}",
                     macs / whole.max(1.0),
                     ratios.len()
                 ),
@@ -369,6 +378,26 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
         f(s.overhead_p50_us(), 1),
         f(s.overhead_p99_us(), 1),
     );
+    if !s.floor.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### The compute floor of P3\n\nThe branch graphs the workers run for each P3 task \
+             (`branches/*.onnx`, on int8-decoded backbone features) ÷ `full.onnx`, both at batch 64 \
+             on one thread, timed by the thread's CPU clock, batch after batch alternated (median of \
+             the per-batch ratios). No transport, no coordinator: the cloud's CPU per frame cannot be \
+             below this share of the batch-64 peer's, and its P3 limit is 1.1 × the MAC share.\n\n\
+             | task | compute alone ÷ `full.onnx` | cloud MAC share | P3 limit |\n|---|---:|---:|---:|"
+        );
+        for (task, floor, share) in &s.floor {
+            let _ = writeln!(
+                md,
+                "| {task} | {} | {} | {} |",
+                f(*floor, 3),
+                f(*share, 3),
+                f(1.1 * share, 3),
+            );
+        }
+    }
 
     let _ = writeln!(
         md,

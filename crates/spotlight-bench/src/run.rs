@@ -80,7 +80,7 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
         Scenario::Peer { batch: 64 },
         Scenario::Stages,
         Scenario::Rounds {
-            rounds: if opts.quick { 2 } else { 7 },
+            rounds: if opts.quick { 2 } else { 11 },
         },
     ];
     // The P3 rows: every task set under load.
@@ -401,6 +401,9 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                 let keep = (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us);
                 stages = crate::stages::measure(&model, &images[..take])?;
                 (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us) = keep;
+                // 32 batches of 64 for each task's compute floor (P3).
+                let floor_images = &images[..(32 * 64).min(images.len())];
+                stages.floor = crate::stages::compute_floor(&model, floor_images, &tasks)?;
             }
             Scenario::Rounds { rounds } => {
                 let spec = ClusterSpec::default();

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use spotlight_codec::Codec;
 use spotlight_model::{Model, preprocess};
-use spotlight_runtime::{BackboneSession, FullSession, SegmentSession};
+use spotlight_runtime::{BackboneSession, BranchSession, FullSession, SegmentSession};
 
 /// Median microseconds per frame of each stage.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -37,6 +37,12 @@ pub struct Stages {
     /// from the `cloud window 1` scenario, p50 and p99.
     pub cloud_e2e_p50_us: f64,
     pub cloud_e2e_p99_us: f64,
+    /// Per P3 task: the compute floor of its cloud CPU, (task name, ratio). The branch
+    /// graphs the workers run for the task (fused, `branches/*.onnx`) ÷ `full.onnx`, both at
+    /// batch 64 on one thread, timed by the thread's CPU clock, batch after batch
+    /// alternated; the median of the per-batch ratios. No transport, no coordinator.
+    /// Beside it, the task's cloud MACs as a share of the whole model's.
+    pub floor: Vec<(String, f64, f64)>,
 }
 
 impl Stages {
@@ -144,6 +150,99 @@ pub fn measure(model: &Arc<Model>, images: &[Vec<u8>]) -> anyhow::Result<Stages>
         full_batched_us: median(whole_batched),
         ..Stages::default()
     })
+}
+
+/// This thread's CPU seconds so far.
+fn thread_cpu_seconds() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
+        .unwrap_or(f64::NAN)
+}
+
+/// The compute floor of each task in `tasks` ((name, categories), as the P3 rounds run
+/// them): see [`Stages::floor`]. Tasks whose top-level branches have no fused graph in the
+/// package are left out.
+pub fn compute_floor(
+    model: &Arc<Model>,
+    images: &[Vec<u8>],
+    tasks: &[(String, Vec<String>)],
+) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    const BATCH: usize = 64;
+    let whole = (model.manifest().backbone.macs + model.cloud_macs_total()) as f64;
+    let mut backbone = BackboneSession::open(model, 1)?;
+    let mut full = FullSession::open(model, 1)?;
+    let nseg = model.segments().len();
+    let mut branches = (0..model.manifest().branches.len())
+        .map(|b| BranchSession::open(model, b, 1))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Each task's branch graphs: the fused graph of every top-level segment its plan runs.
+    let mut uses: Vec<(String, Vec<usize>, f64)> = Vec::new();
+    for (name, categories) in tasks {
+        let plan = model.plan(&spotlight_model::TaskSpec {
+            categories: categories.clone(),
+            gains: Default::default(),
+        })?;
+        let roots: Vec<usize> = plan
+            .segments
+            .iter()
+            .copied()
+            .filter(|&s| model.parent_of(s).is_none())
+            .collect();
+        let graphs: Vec<usize> = roots
+            .iter()
+            .filter_map(|&r| branches.iter().position(|b| b.segments()[0] == r))
+            .collect();
+        if !roots.is_empty() && graphs.len() == roots.len() {
+            uses.push((
+                name.clone(),
+                graphs,
+                plan.cloud_macs as f64 / whole.max(1.0),
+            ));
+        }
+    }
+    let len = model.feature_len();
+    let mut buf = Vec::new();
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); uses.len()];
+    for group in images.chunks(BATCH).filter(|g| g.len() == BATCH) {
+        let mut x = Vec::with_capacity(BATCH * 784);
+        for img in group {
+            preprocess(&model.manifest().input, img, &mut buf);
+            x.extend_from_slice(&buf);
+        }
+        // The features the workers would get: the backbone's output through the int8 codec.
+        let features = backbone.run(x.clone(), BATCH)?;
+        let mut decoded = Vec::with_capacity(features.len());
+        for row in features.chunks(len) {
+            let e = spotlight_codec::encode(Codec::Int8, row);
+            decoded.extend(spotlight_codec::decode(
+                Codec::Int8,
+                &e.data,
+                e.scale,
+                e.zero_point,
+                len,
+            )?);
+        }
+        let t = thread_cpu_seconds();
+        full.run(x, BATCH, vec![1.0; BATCH * nseg])?;
+        let whole = thread_cpu_seconds() - t;
+        let mut per_graph = vec![0.0; branches.len()];
+        for (b, session) in branches.iter_mut().enumerate() {
+            let k = session.segments().len();
+            let t = thread_cpu_seconds();
+            session.run(decoded.clone(), vec![1.0; BATCH * k], BATCH)?;
+            per_graph[b] = thread_cpu_seconds() - t;
+        }
+        if whole > 0.0 {
+            for ((_, graphs, _), out) in uses.iter().zip(&mut ratios) {
+                out.push(graphs.iter().map(|&b| per_graph[b]).sum::<f64>() / whole);
+            }
+        }
+    }
+    Ok(uses
+        .into_iter()
+        .zip(ratios)
+        .map(|((name, _, share), r)| (name, median(r), share))
+        .collect())
 }
 
 /// Runs every segment (parents first), or those under top-level segment `only`, on `n`
