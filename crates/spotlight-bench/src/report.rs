@@ -241,8 +241,8 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
         md,
         "Every figure below comes from one run of `{command}` (written by it; do not edit by hand). \
          Machine: {} cores, {}, Linux {}. Model `{}` ({}), {} Fashion-MNIST test images. \
-         CPU time is read from the OS (`/proc/<pid>/stat`, user + system, 10 ms ticks) per process; \
-         the machine may be shared, so compare figures of the same run.\n",
+         CPU time is read from the OS per process (its CPU clock, `clock_getcpuclockid`: user + system \
+         of every thread, in nanoseconds); the machine may be shared, so compare figures of the same run.\n",
         m.cores, m.cpu_model, m.kernel, r.model, r.model_hash, r.images
     );
     let _ = writeln!(

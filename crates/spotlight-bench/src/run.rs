@@ -209,8 +209,8 @@ fn plan(opts: &BenchOptions, tasks: usize) -> Vec<Scenario> {
         8,
         128,
         Codec::Int8,
-        // Routing alone is fast: enough frames for the coordinator's CPU time to span
-        // many 10 ms ticks.
+        // Routing alone is fast: enough frames for the coordinator's CPU time to be well
+        // above the machine's noise.
         n * 10,
         "router all".into(),
     ));
