@@ -161,7 +161,7 @@ fn thread_cpu_seconds() -> f64 {
 
 /// The compute floor of each task in `tasks` ((name, categories), as the P3 rounds run
 /// them): see [`Stages::floor`]. Tasks whose top-level branches have no fused graph in the
-/// package are left out.
+/// package are left out, and all of them when `images` holds less than one batch of 64.
 pub fn compute_floor(
     model: &Arc<Model>,
     images: &[Vec<u8>],
@@ -241,6 +241,7 @@ pub fn compute_floor(
     Ok(uses
         .into_iter()
         .zip(ratios)
+        .filter(|(_, r)| !r.is_empty())
         .map(|((name, _, share), r)| (name, median(r), share))
         .collect())
 }

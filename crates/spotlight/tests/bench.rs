@@ -57,8 +57,23 @@ fn bench_quick_runs_every_section_and_writes_the_report() {
     for id in ["P1", "P2", "P3", "P5"] {
         assert!(targets.iter().any(|t| t["id"] == id), "target {id} missing");
     }
+    // The compute floor of every P3 task: its branch graphs cost a positive share of the
+    // whole model, below the whole model, and more for more branches.
+    let floor = json["results"]["stages"]["floor"].as_array().unwrap();
+    let share = |task: &str| -> (f64, f64) {
+        let row = floor
+            .iter()
+            .find(|f| f[0] == task)
+            .unwrap_or_else(|| panic!("no floor for {task}: {floor:?}"));
+        (row[1].as_f64().unwrap(), row[2].as_f64().unwrap())
+    };
+    let (all, all_macs) = share("all");
+    let (one, one_macs) = share("one group (footwear)");
+    assert!(one > 0.0 && one < all && all < 1.0, "floor {floor:?}");
+    assert!(one_macs < all_macs && all_macs < 1.0, "floor {floor:?}");
     let md = std::fs::read_to_string(out.join("benchmarks.md")).unwrap();
     assert!(md.contains("## Targets") && md.contains("cpu_per_frame.svg"));
+    assert!(md.contains("### The compute floor of P3"));
     assert!(
         std::fs::read_to_string(out.join("cpu_per_frame.svg"))
             .unwrap()
