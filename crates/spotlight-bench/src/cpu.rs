@@ -20,6 +20,14 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     precise_cpu_seconds(pid).or_else(|| ticked_cpu_seconds(pid))
 }
 
+/// The calling thread's CPU seconds so far (its CPU clock, in nanoseconds); NaN where the
+/// OS cannot say.
+pub fn thread_cpu_seconds() -> f64 {
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
+        .unwrap_or(f64::NAN)
+}
+
 /// The process's CPU clock, in nanoseconds.
 fn precise_cpu_seconds(pid: u32) -> Option<f64> {
     let pid = Pid::from_raw(i32::try_from(pid).ok()?);

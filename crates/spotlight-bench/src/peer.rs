@@ -34,7 +34,7 @@ pub fn run(
     let warm = batch.min(n);
     let mut x = Vec::with_capacity(warm * 784);
     let mut buf = Vec::new();
-    for image in images.iter().cycle().take(warm) {
+    for image in &images[..warm] {
         preprocess(&model.manifest().input, image, &mut buf);
         x.extend_from_slice(&buf);
     }

@@ -152,16 +152,10 @@ pub fn measure(model: &Arc<Model>, images: &[Vec<u8>]) -> anyhow::Result<Stages>
     })
 }
 
-/// This thread's CPU seconds so far.
-fn thread_cpu_seconds() -> f64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
-        .unwrap_or(f64::NAN)
-}
-
 /// The compute floor of each task in `tasks` ((name, categories), as the P3 rounds run
-/// them): see [`Stages::floor`]. Tasks whose top-level branches have no fused graph in the
-/// package are left out, and all of them when `images` holds less than one batch of 64.
+/// them): see [`Stages::floor`]. Only tasks that run whole top-level branches, each with a
+/// fused graph in the package, have one (a worker runs single segments otherwise); none
+/// when `images` holds less than one batch of 64.
 pub fn compute_floor(
     model: &Arc<Model>,
     images: &[Vec<u8>],
@@ -175,7 +169,8 @@ pub fn compute_floor(
     let mut branches = (0..model.manifest().branches.len())
         .map(|b| BranchSession::open(model, b, 1))
         .collect::<Result<Vec<_>, _>>()?;
-    // Each task's branch graphs: the fused graph of every top-level segment its plan runs.
+    // Each task's branch graphs: the fused graph of every top-level segment its plan runs,
+    // where the plan runs the whole branch (the worker's rule for running a fused graph).
     let mut uses: Vec<(String, Vec<usize>, f64)> = Vec::new();
     for (name, categories) in tasks {
         let plan = model.plan(&spotlight_model::TaskSpec {
@@ -191,6 +186,12 @@ pub fn compute_floor(
         let graphs: Vec<usize> = roots
             .iter()
             .filter_map(|&r| branches.iter().position(|b| b.segments()[0] == r))
+            .filter(|&b| {
+                branches[b]
+                    .segments()
+                    .iter()
+                    .all(|t| plan.segments.contains(t))
+            })
             .collect();
         if !roots.is_empty() && graphs.len() == roots.len() {
             uses.push((
@@ -222,19 +223,19 @@ pub fn compute_floor(
                 len,
             )?);
         }
-        let t = thread_cpu_seconds();
+        let t = crate::cpu::thread_cpu_seconds();
         full.run(x, BATCH, vec![1.0; BATCH * nseg])?;
-        let whole = thread_cpu_seconds() - t;
+        let full_s = crate::cpu::thread_cpu_seconds() - t;
         let mut per_graph = vec![0.0; branches.len()];
         for (b, session) in branches.iter_mut().enumerate() {
             let k = session.segments().len();
-            let t = thread_cpu_seconds();
+            let t = crate::cpu::thread_cpu_seconds();
             session.run(decoded.clone(), vec![1.0; BATCH * k], BATCH)?;
-            per_graph[b] = thread_cpu_seconds() - t;
+            per_graph[b] = crate::cpu::thread_cpu_seconds() - t;
         }
-        if whole > 0.0 {
+        if full_s > 0.0 {
             for ((_, graphs, _), out) in uses.iter().zip(&mut ratios) {
-                out.push(graphs.iter().map(|&b| per_graph[b]).sum::<f64>() / whole);
+                out.push(graphs.iter().map(|&b| per_graph[b]).sum::<f64>() / full_s);
             }
         }
     }
