@@ -217,6 +217,11 @@ fn relative(from: &Path, to: &Path) -> String {
     to.strip_prefix(base).unwrap_or(to).display().to_string()
 }
 
+/// A measured end-to-end time, or NaN where the scenario did not run (0).
+fn stub_or_nan(us: f64) -> f64 {
+    if us > 0.0 { us } else { f64::NAN }
+}
+
 fn f(x: f64, digits: usize) -> String {
     if x.is_finite() {
         format!("{x:.digits$}")
@@ -361,7 +366,11 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
          | peer: `full.onnx`, batch 1 | {} |\n| peer: `full.onnx`, batch 64, per frame | {} |\n\
          | compute alone, segments ÷ `full.onnx`, batch 1 | {} |\n| compute alone, segments ÷ `full.onnx`, batch 64 | {} |\n\
          | cloud end-to-end, p50 | {} |\n| cloud end-to-end, p99 | {} |\n\
-         | **overhead, p50** | {} |\n| **overhead, p99** | {} |",
+         | coordinator: merge, all categories | {} |\n\
+         | **overhead, p50** | {} |\n\
+         | of which transport, routing and merge: end-to-end through stub workers that answer at once (`router window 1`), p50 | {} |\n\
+         | of which the worker side: the rest (the worker's wake-up, hand-off to its batcher thread and back, workers sharing the cores) | {} |\n\
+         | **overhead, p99** | {} |",
         f(s.preprocess_us, 1),
         f(s.backbone_us, 1),
         f(s.encode_us, 1),
@@ -375,7 +384,11 @@ pub fn markdown(r: &Results, opts: &BenchOptions, command: &str) -> String {
         f(s.segments_batched_us / s.full_batched_us, 3),
         f(s.cloud_e2e_p50_us, 1),
         f(s.cloud_e2e_p99_us, 1),
+        f(s.merge_us, 2),
         f(s.overhead_p50_us(), 1),
+        // Without the `router window 1` scenario (e.g. under --only) there is nothing to split by.
+        f(stub_or_nan(s.stub_e2e_p50_us), 1),
+        f(s.overhead_p50_us() - stub_or_nan(s.stub_e2e_p50_us), 1),
         f(s.overhead_p99_us(), 1),
     );
     if !s.floor.is_empty() {

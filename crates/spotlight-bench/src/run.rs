@@ -398,9 +398,17 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
             Scenario::Stages => {
                 bar.set_message("stages");
                 let take = opts.latency_frames.min(images.len());
-                let keep = (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us);
+                let keep = (
+                    stages.cloud_e2e_p50_us,
+                    stages.cloud_e2e_p99_us,
+                    stages.stub_e2e_p50_us,
+                );
                 stages = crate::stages::measure(&model, &images[..take])?;
-                (stages.cloud_e2e_p50_us, stages.cloud_e2e_p99_us) = keep;
+                (
+                    stages.cloud_e2e_p50_us,
+                    stages.cloud_e2e_p99_us,
+                    stages.stub_e2e_p50_us,
+                ) = keep;
                 // 32 batches of 64 for each task's compute floor (P3).
                 let floor_images = &images[..(32 * 64).min(images.len())];
                 stages.floor = crate::stages::compute_floor(&model, floor_images, &tasks)?;
@@ -510,6 +518,9 @@ pub async fn run(opts: &BenchOptions, model: Arc<Model>) -> anyhow::Result<Resul
                 if name == "cloud window 1" {
                     stages.cloud_e2e_p50_us = m.p50_ms * 1e3;
                     stages.cloud_e2e_p99_us = m.p99_ms * 1e3;
+                }
+                if name == "router window 1" {
+                    stages.stub_e2e_p50_us = m.p50_ms * 1e3;
                 }
                 rows.push(row(section, &name, params, m));
             }

@@ -37,6 +37,12 @@ pub struct Stages {
     /// from the `cloud window 1` scenario, p50 and p99.
     pub cloud_e2e_p50_us: f64,
     pub cloud_e2e_p99_us: f64,
+    /// The same path through stub workers that answer at once, p50 (`router window 1`):
+    /// transport (two gRPC hops each way), routing and merge, with no worker compute, queue
+    /// or wake-up of a worker process.
+    pub stub_e2e_p50_us: f64,
+    /// Coordinator: merging one frame's logits under the all-categories plan.
+    pub merge_us: f64,
     /// Per P3 task: the compute floor of its cloud CPU, (task name, ratio). The branch
     /// graphs the workers run for the task (fused, `branches/*.onnx`) ÷ `full.onnx`, both at
     /// batch 64 on one thread, timed by the thread's CPU clock, batch after batch
@@ -132,7 +138,26 @@ pub fn measure(model: &Arc<Model>, images: &[Vec<u8>]) -> anyhow::Result<Stages>
         full.run(imgs.to_vec(), n, vec![1.0; n * nseg])?;
         whole_batched.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
     }
+    // The coordinator's merge of one frame under the all-categories plan (1000 merges per
+    // sample, 21 samples).
+    let plan = model.plan(&spotlight_model::TaskSpec {
+        categories: model.categories().to_vec(),
+        gains: Default::default(),
+    })?;
+    let logits: Vec<f32> = (0..model.categories().len())
+        .map(|c| (c as f32 * 0.37).sin())
+        .collect();
+    let merges = (0..21)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..1000 {
+                std::hint::black_box(model.merge(&plan, std::hint::black_box(&logits)).ok());
+            }
+            t.elapsed().as_secs_f64() * 1e6 / 1000.0
+        })
+        .collect();
     Ok(Stages {
+        merge_us: median(merges),
         preprocess_us: median(pre),
         backbone_us: median(bb),
         encode_us: median(enc),

@@ -71,8 +71,23 @@ fn bench_quick_runs_every_section_and_writes_the_report() {
     let (one, one_macs) = share("one group (footwear)");
     assert!(one > 0.0 && one < all && all < 1.0, "floor {floor:?}");
     assert!(one_macs < all_macs && all_macs < 1.0, "floor {floor:?}");
+    // The window-1 overhead is split: the stub path (transport, routing, merge) is measured,
+    // and it is faster than the path through real workers.
+    let stages = &json["results"]["stages"];
+    let stub = stages["stub_e2e_p50_us"].as_f64().unwrap();
+    let real = stages["cloud_e2e_p50_us"].as_f64().unwrap();
+    assert!(
+        stub > 0.0 && stub < real,
+        "stub {stub} µs, real workers {real} µs"
+    );
+    let merge = stages["merge_us"].as_f64().unwrap();
+    assert!(merge > 0.0 && merge < stub, "merge {merge} µs");
     let md = std::fs::read_to_string(out.join("benchmarks.md")).unwrap();
     assert!(md.contains("## Targets") && md.contains("cpu_per_frame.svg"));
+    assert!(
+        md.contains("| of which the worker side"),
+        "no split of the overhead"
+    );
     assert!(md.contains("### The compute floor of P3"));
     assert!(
         std::fs::read_to_string(out.join("cpu_per_frame.svg"))
