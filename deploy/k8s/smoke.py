@@ -104,6 +104,32 @@ class Pod:
             return str(e), url
 
 
+class PortTaken(Exception):
+    """A pod exited because a port picked free was bound by another socket first (an
+    outgoing connection's ephemeral port can be any free port) before the pod bound it."""
+
+
+# A start that loses such a race is retried with fresh ports, at most this many times.
+START_ATTEMPTS = 3
+
+
+def exited(pod):
+    """Raises if `pod` has exited: PortTaken for a lost port race, else the failure."""
+    if pod.proc.poll() is None:
+        return
+    tail = pod.log_tail()
+    if "Address already in use" in tail:
+        raise PortTaken(f"{pod.name} exited {pod.proc.returncode}: {tail.strip().splitlines()[-1]}")
+    raise SystemExit(f"  FAIL {pod.name} exited {pod.proc.returncode}:\n{tail}")
+
+
+def stop_all(pods):
+    for p in pods:
+        if p.proc and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
 def wait_for(what, fn, seconds):
     deadline = time.monotonic() + seconds
     while True:
@@ -131,25 +157,35 @@ def main():
     workloads = {d["metadata"]["name"]: d for d in docs if d["kind"] in ("Deployment", "DaemonSet")}
     component = lambda d: d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
     coord_doc = next(d for d in workloads.values() if component(d) == "coordinator")
-    coord = Pod(coord_doc, "coordinator", None, secrets, work, a.bin)
-    coord_port = coord.ports[7000]
-    workers = [Pod(d, f"{n}-smoke", coord_port, secrets, work, a.bin)
-               for n, d in sorted(workloads.items()) if component(d) == "worker"]
     edge_doc = next(d for d in workloads.values() if component(d) == "edge")
-    pods = [coord] + workers
+    pods = []
     try:
-        for p in pods:
-            p.start()
-        # Probes of the cloud side, as the kubelet would call them.
-        for p in pods:
-            for kind in [k for k in ("livenessProbe", "readinessProbe") if k in p.container]:
-                def check(p=p, kind=kind):
-                    for q in pods:
-                        if q.proc.poll() is not None:
-                            raise SystemExit(f"  FAIL {q.name} exited {q.proc.returncode}:\n{q.log_tail()}")
-                    status, url = p.probe(kind, ca)
-                    return status == 200, f"{url} answered {status}"
-                print(f"  ok   {p.name} {kind}: {wait_for(f'{p.name} {kind}', check, 60)}")
+        for attempt in range(1, START_ATTEMPTS + 1):
+            # Every pod's ports are picked afresh on each attempt (the workers need the
+            # coordinator's).
+            coord = Pod(coord_doc, "coordinator", None, secrets, work, a.bin)
+            coord_port = coord.ports[7000]
+            workers = [Pod(d, f"{n}-smoke", coord_port, secrets, work, a.bin)
+                       for n, d in sorted(workloads.items()) if component(d) == "worker"]
+            pods = [coord] + workers
+            for p in pods:
+                p.start()
+            try:
+                # Probes of the cloud side, as the kubelet would call them.
+                for p in pods:
+                    for kind in [k for k in ("livenessProbe", "readinessProbe") if k in p.container]:
+                        def check(p=p, kind=kind):
+                            for q in pods:
+                                exited(q)
+                            status, url = p.probe(kind, ca)
+                            return status == 200, f"{url} answered {status}"
+                        print(f"  ok   {p.name} {kind}: {wait_for(f'{p.name} {kind}', check, 60)}")
+                break
+            except PortTaken as e:
+                stop_all(pods)
+                if attempt == START_ATTEMPTS:
+                    raise SystemExit(f"  FAIL {e} ({START_ATTEMPTS} attempts with fresh ports)")
+                print(f"  note {e}; starting again on fresh ports ({attempt + 1} of {START_ATTEMPTS})")
         # Registration: each group's worker hosts that group's segments.
         reader = (secrets / "reader.token").read_text().strip()
         req = urllib.request.Request(f"https://127.0.0.1:{coord.named['http']}/v1/workers",
@@ -175,15 +211,24 @@ def main():
             raise SystemExit(f"  FAIL edge stream (exit {run.returncode}): {summary}\n{run.stderr[-1500:]}")
         print(f"  ok   edge streamed: {summary}")
         # The edge agent as the DaemonSet runs it: local API, probes.
-        edge.start()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if attempt > 1:
+                edge = Pod(edge_doc, "edge-smoke", coord_port, secrets, work, a.bin)
+            edge.start()
+            try:
+                for kind in [k for k in ("livenessProbe", "readinessProbe") if k in edge.container]:
+                    def check(kind=kind):
+                        exited(edge)
+                        status, url = edge.probe(kind, ca)
+                        return status == 200, f"{url} answered {status}"
+                    print(f"  ok   edge {kind}: {wait_for(f'edge {kind}', check, 60)}")
+                break
+            except PortTaken as e:
+                stop_all([edge])
+                if attempt == START_ATTEMPTS:
+                    raise SystemExit(f"  FAIL {e} ({START_ATTEMPTS} attempts with fresh ports)")
+                print(f"  note {e}; starting again on fresh ports ({attempt + 1} of {START_ATTEMPTS})")
         pods.append(edge)
-        for kind in [k for k in ("livenessProbe", "readinessProbe") if k in edge.container]:
-            def check(kind=kind):
-                if edge.proc.poll() is not None:
-                    raise SystemExit(f"  FAIL edge exited {edge.proc.returncode}:\n{edge.log_tail()}")
-                status, url = edge.probe(kind, ca)
-                return status == 200, f"{url} answered {status}"
-            print(f"  ok   edge {kind}: {wait_for(f'edge {kind}', check, 60)}")
         # SIGTERM: everything drains and exits 0 within its grace period.
         for p in reversed(pods):
             p.proc.send_signal(signal.SIGTERM)
