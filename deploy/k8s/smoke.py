@@ -141,6 +141,35 @@ def wait_for(what, fn, seconds):
         time.sleep(0.25)
 
 
+def start_probed(make, ca):
+    """Starts the pods `make()` returns and waits until every probe of each answers 200, as
+    the kubelet would call them. A start that loses a port race is retried with the fresh
+    ports of a new `make()`, at most START_ATTEMPTS times; on any failure the pods are
+    stopped before the error goes up."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        pods = make()
+        for p in pods:
+            p.start()
+        try:
+            for p in pods:
+                for kind in [k for k in ("livenessProbe", "readinessProbe") if k in p.container]:
+                    def check(p=p, kind=kind):
+                        for q in pods:
+                            exited(q)
+                        status, url = p.probe(kind, ca)
+                        return status == 200, f"{url} answered {status}"
+                    print(f"  ok   {p.name} {kind}: {wait_for(f'{p.name} {kind}', check, 60)}")
+            return pods
+        except PortTaken as e:
+            stop_all(pods)
+            if attempt == START_ATTEMPTS:
+                raise SystemExit(f"  FAIL {e} ({START_ATTEMPTS} attempts with fresh ports)")
+            print(f"  note {e}; starting again on fresh ports ({attempt + 1} of {START_ATTEMPTS})")
+        except BaseException:
+            stop_all(pods)
+            raise
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("rendered")
@@ -160,32 +189,15 @@ def main():
     edge_doc = next(d for d in workloads.values() if component(d) == "edge")
     pods = []
     try:
-        for attempt in range(1, START_ATTEMPTS + 1):
+        def cloud():
             # Every pod's ports are picked afresh on each attempt (the workers need the
             # coordinator's).
             coord = Pod(coord_doc, "coordinator", None, secrets, work, a.bin)
-            coord_port = coord.ports[7000]
-            workers = [Pod(d, f"{n}-smoke", coord_port, secrets, work, a.bin)
-                       for n, d in sorted(workloads.items()) if component(d) == "worker"]
-            pods = [coord] + workers
-            for p in pods:
-                p.start()
-            try:
-                # Probes of the cloud side, as the kubelet would call them.
-                for p in pods:
-                    for kind in [k for k in ("livenessProbe", "readinessProbe") if k in p.container]:
-                        def check(p=p, kind=kind):
-                            for q in pods:
-                                exited(q)
-                            status, url = p.probe(kind, ca)
-                            return status == 200, f"{url} answered {status}"
-                        print(f"  ok   {p.name} {kind}: {wait_for(f'{p.name} {kind}', check, 60)}")
-                break
-            except PortTaken as e:
-                stop_all(pods)
-                if attempt == START_ATTEMPTS:
-                    raise SystemExit(f"  FAIL {e} ({START_ATTEMPTS} attempts with fresh ports)")
-                print(f"  note {e}; starting again on fresh ports ({attempt + 1} of {START_ATTEMPTS})")
+            return [coord] + [Pod(d, f"{n}-smoke", coord.ports[7000], secrets, work, a.bin)
+                              for n, d in sorted(workloads.items()) if component(d) == "worker"]
+        pods = start_probed(cloud, ca)
+        coord, workers = pods[0], pods[1:]
+        coord_port = coord.ports[7000]
         # Registration: each group's worker hosts that group's segments.
         reader = (secrets / "reader.token").read_text().strip()
         req = urllib.request.Request(f"https://127.0.0.1:{coord.named['http']}/v1/workers",
@@ -211,24 +223,7 @@ def main():
             raise SystemExit(f"  FAIL edge stream (exit {run.returncode}): {summary}\n{run.stderr[-1500:]}")
         print(f"  ok   edge streamed: {summary}")
         # The edge agent as the DaemonSet runs it: local API, probes.
-        for attempt in range(1, START_ATTEMPTS + 1):
-            if attempt > 1:
-                edge = Pod(edge_doc, "edge-smoke", coord_port, secrets, work, a.bin)
-            edge.start()
-            try:
-                for kind in [k for k in ("livenessProbe", "readinessProbe") if k in edge.container]:
-                    def check(kind=kind):
-                        exited(edge)
-                        status, url = edge.probe(kind, ca)
-                        return status == 200, f"{url} answered {status}"
-                    print(f"  ok   edge {kind}: {wait_for(f'edge {kind}', check, 60)}")
-                break
-            except PortTaken as e:
-                stop_all([edge])
-                if attempt == START_ATTEMPTS:
-                    raise SystemExit(f"  FAIL {e} ({START_ATTEMPTS} attempts with fresh ports)")
-                print(f"  note {e}; starting again on fresh ports ({attempt + 1} of {START_ATTEMPTS})")
-        pods.append(edge)
+        pods += start_probed(lambda: [Pod(edge_doc, "edge-smoke", coord_port, secrets, work, a.bin)], ca)
         # SIGTERM: everything drains and exits 0 within its grace period.
         for p in reversed(pods):
             p.proc.send_signal(signal.SIGTERM)
